@@ -1,0 +1,141 @@
+"""Architectures, names, the converter and input checking."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from zoo.layers import QConv2d, QLinear
+
+
+def _train_a_little(model: nn.Module, steps: int = 3, size: int = 32) -> nn.Module:
+    """A few SGD steps so weights, BN statistics and LSQ steps are non-trivial."""
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(8, 3, size, size, generator=gen)
+        y = torch.randint(0, model.num_classes, (8,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "name, classes, size",
+    [
+        ("resnet20_w1a1", 10, 32),
+        ("resnet32_w1a32", 100, 32),
+        ("resnet44_w2a2", 10, 32),
+        ("resnet56_fp", 10, 32),
+        ("resnet18_w1a1", 10, 32),
+        ("resnet34_w4a4", 10, 32),
+        ("vgg_small_w1a1", 10, 32),
+        ("bireal_resnet18_w1a1", 1000, 64),
+        ("bireal_resnet34_w1a32", 1000, 64),
+    ],
+)
+def test_architectures_build_and_run(name, classes, size):
+    model = zoo.create_model(name, num_classes=classes).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size)).shape == (2, classes)
+
+
+def test_binary_convs_see_signs_and_single_magnitude_weights(monkeypatch):
+    model = _train_a_little(zoo.create_model("resnet20_w1a1"))
+    seen = []
+    original = QConv2d._conv_forward
+
+    def spy(self, x, weight, bias):
+        seen.append((self, x.detach(), weight.detach()))
+        return original(self, x, weight, bias)
+
+    monkeypatch.setattr(QConv2d, "_conv_forward", spy)
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))
+    binary = [m for m in model.modules() if isinstance(m, QConv2d) and m.weight_bits == 1]
+    assert len(binary) == 18
+    calls = {id(m): (x, w) for m, x, w in seen}
+    for layer in binary:
+        x, w = calls[id(layer)]
+        assert set(x.unique().tolist()) == {-1.0, 1.0}
+        per_channel = w.abs().flatten(1)
+        assert torch.equal(per_channel.min(1).values, per_channel.max(1).values)
+    stem = model.stem[0]
+    assert stem.weight_bits == 32 and len(calls[id(stem)][1].unique()) > 100  # first conv stays real
+
+
+def test_print_shows_bits_and_quantizers():
+    text = str(zoo.create_model("resnet20_w1a1"))
+    assert "w1a1" in text and "IMBWeight" in text and "dte, t=" in text
+    assert "w4a4" in str(zoo.create_model("resnet20_w4a4")) and "LSQ" in str(zoo.create_model("resnet20_w4a4"))
+
+
+def test_names_are_case_insensitive_and_fp_is_w32a32():
+    assert zoo.parse_name("ResNet20_W1A1").base == "resnet20_w1a1"
+    assert zoo.parse_name("resnet20_w32a32").base == "resnet20_fp"
+    assert zoo.parse_name("vgg_small_w1a1.dirnet").tag == "dirnet"
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("resnt20_w1a1", "Did you mean resnet20_w1a1"),
+        ("resnet20_w0a1", "weight bits \\(w\\)=0 is not supported"),
+        ("resnet20_w9a3", "weight bits \\(w\\)=9 is not supported"),
+        ("resnet20_w2a33", "activation bits \\(a\\)=33"),
+        ("resnet20-w1a1", "malformed model name"),
+        ("resnet20", "expected '<arch>_w<B>a<B>"),
+    ],
+)
+def test_bad_names_raise_clear_errors(name, message):
+    with pytest.raises(ValueError, match=message):
+        zoo.create_model(name)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (2, 1, 32, 32), (2, 3, 32)])
+def test_wrong_input_shape_names_expected_shape(shape):
+    model = zoo.create_model("resnet20_w1a1")
+    with pytest.raises(ValueError, match=r"shape \(N, 3, H, W\)"):
+        model(torch.randn(*shape))
+
+
+def test_list_models_filters():
+    names = zoo.list_models("*w1a1*")
+    assert "resnet20_w1a1" in names and "vgg_small_w1a1" in names
+    assert all("w1a1" in n for n in names)
+    assert "resnet18_fp" in zoo.list_models()
+
+
+def test_quantize_converts_a_torchvision_model():
+    from torchvision.models import resnet18
+
+    model = zoo.quantize(resnet18(num_classes=10), weight_bits=1, act_bits=1)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert not isinstance(model.conv1, QConv2d) and not isinstance(model.fc, QLinear)
+    assert sum(isinstance(m, QConv2d) and m.weight_bits == 1 for m in convs) == len(convs) - 1
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_quantize_copies_weights_and_keeps_them_trainable():
+    from torchvision.models import resnet18
+
+    float_model = resnet18(num_classes=10)
+    model = zoo.quantize(resnet18(num_classes=10), weight_bits=4, act_bits=4, keep_first_last=False)
+    model.load_state_dict(float_model.state_dict(), strict=False)
+    assert torch.equal(model.conv1.weight, float_model.conv1.weight)
+    assert isinstance(model.fc, QLinear) and model.fc.weight_bits == 4
+
+
+def test_import_zoo_does_not_import_lightning():
+    code = "import sys, zoo; zoo.create_model('resnet20_w1a1'); print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,212 @@
+"""Quantizer forward values and gradients against independent formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zoo.packing import pack_codes, unpack_codes
+from zoo.quant import (
+    LSQ,
+    PACT,
+    ApproxSign,
+    ClippedSTE,
+    DoReFaAct,
+    DoReFaWeight,
+    IMBWeight,
+    Sign,
+    TanhEstimator,
+    XNORWeight,
+    ede_schedule,
+    make_quantizer,
+    sign,
+)
+from zoo.quant.estimators import STE
+
+
+def _input_grad(quantizer, x: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    (quantizer(x) * upstream).sum().backward()
+    return x.grad
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(8, 6, 5, 5, generator=torch.Generator().manual_seed(0)) * 1.5
+
+
+@pytest.fixture
+def upstream(x) -> torch.Tensor:
+    return torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+
+def test_sign_forward_is_plus_minus_one_with_sign_zero_positive():
+    out = sign(torch.tensor([-2.0, -0.0, 0.0, 1e-9, 3.0]), STE())
+    assert out.tolist() == [-1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "estimator, derivative",
+    [
+        ("ste", lambda x: torch.ones_like(x)),
+        ("clipped", lambda x: (x.abs() <= 1).float()),
+        ("approx", lambda x: torch.clamp(2 - 2 * x.abs(), min=0)),
+    ],
+)
+def test_sign_estimators_backward(x, upstream, estimator, derivative):
+    grad = _input_grad(Sign(estimator=estimator), x, upstream)
+    torch.testing.assert_close(grad, upstream * derivative(x))
+
+
+@pytest.mark.parametrize("t", [1e-3, 0.5, 1.0, 3.0, 10.0])
+def test_ede_backward_matches_tanh_derivative(x, upstream, t):
+    q = Sign(estimator="ede")
+    q.estimator.set_t(t)
+    k = max(1 / t, 1)
+    expected = upstream * k * t * (1 - torch.tanh(t * x) ** 2)
+    torch.testing.assert_close(_input_grad(q, x, upstream), expected)
+
+
+def test_dte_backward_uses_per_channel_std(x, upstream):
+    t = 2.0
+    q = Sign(estimator="dte")
+    q.estimator.set_t(t)
+    x64 = x.double()
+    sigma = torch.tensor([x64[:, c].flatten().std().item() for c in range(x.shape[1])]).view(1, -1, 1, 1)
+    expected = upstream.double() * (1.0 * t / sigma) * (1 - torch.tanh(t * x64 / sigma) ** 2)
+    torch.testing.assert_close(_input_grad(q, x, upstream).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dte_with_unit_sigma_equals_ede_exactly(x):
+    ede = TanhEstimator(t=3.7, distribution_aware=False)
+    dte = TanhEstimator(t=3.7, distribution_aware=True)
+    assert torch.equal(dte.derivative(x, torch.ones(1, x.shape[1], 1, 1)), ede.derivative(x))
+
+
+def test_ede_schedule_values():
+    # ResNet-20 setting: T_min = 1e-3, T_max = 10 over N = 400 epochs.
+    assert ede_schedule(0, 400, 1e-3, 10) == pytest.approx((1e-3, 1e3))
+    t_mid, k_mid = ede_schedule(200, 400, 1e-3, 10)
+    assert t_mid == pytest.approx(10**-1) and k_mid == pytest.approx(10)
+    assert ede_schedule(400, 400, 1e-3, 10) == pytest.approx((10, 1))
+    # VGG-Small setting: T_min = 0.1, T_max = 10 over N = 300.
+    assert ede_schedule(150, 300, 0.1, 10) == pytest.approx((1, 1))
+    assert ede_schedule(300, 300, 0.1, 10) == pytest.approx((10, 1))
+
+
+def test_xnor_weight_forward_and_ste_backward():
+    w = torch.randn(5, 3, 3, 3, generator=torch.Generator().manual_seed(2))
+    q = XNORWeight(estimator="ste")
+    out = q(w)
+    scale = w.abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(out, torch.where(w >= 0, 1.0, -1.0) * scale)
+    wg = w.clone().requires_grad_(True)
+    q(wg).sum().backward()
+    torch.testing.assert_close(wg.grad, scale.expand_as(w))  # scale detached, STE through sign
+
+
+@pytest.mark.parametrize("estimator", ["ede", "dte"])
+def test_imb_forward_and_gradient_against_formula(estimator):
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(7, 4, 3, 3, generator=gen) * 0.05 + 0.01).double()
+    upstream = torch.randn(w.shape, generator=gen).double()
+    t = 1.7
+    q = IMBWeight(estimator=estimator).double()
+    q.estimator.set_t(t)
+    wq = w.clone().requires_grad_(True)
+    out = q(wq)
+    (out * upstream).sum().backward()
+
+    # Independent computation: the surrogate k*tanh(t*w_hat/sigma) replaces sign in the backward.
+    wr = w.clone().requires_grad_(True)
+    flat = wr.flatten(1)
+    w_hat = ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True)).view_as(w)
+    s = 2.0 ** torch.round(torch.log2(w_hat.detach().abs().flatten(1).mean(1))).view(-1, 1, 1, 1)
+    sigma = w_hat.detach().flatten(1).std(1).view(-1, 1, 1, 1) if estimator == "dte" else 1.0
+    surrogate = max(1 / t, 1) * torch.tanh(t * w_hat / sigma)
+    value = torch.where(w_hat >= 0, 1.0, -1.0).double()
+    ref = (value + surrogate - surrogate.detach()) * s
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out, ref.detach())
+    torch.testing.assert_close(wq.grad, wr.grad)
+    assert set(out.abs().unique().tolist()) <= {0.5, 1.0, 2.0}
+
+
+def test_lsq_step_gradient_matches_formula():
+    bits, s = 3, 0.37
+    q = LSQ(bits=bits)  # signed weights: Q_N = 4, Q_P = 3
+    q.step.data.fill_(s)
+    q.initialized.fill_(True)
+    v = torch.linspace(-2.5, 2.0, 41).view(41, 1)
+    upstream = torch.randn(v.shape, generator=torch.Generator().manual_seed(4))
+    vv = v.clone().requires_grad_(True)
+    out = q(vv)
+    (out * upstream).sum().backward()
+    q_n, q_p = 4, 3
+    ratio = v / s
+    dvhat_ds = torch.where(ratio <= -q_n, -q_n, torch.where(ratio >= q_p, q_p, -ratio + torch.round(ratio)))
+    g = 1 / math.sqrt(v.numel() * q_p)
+    torch.testing.assert_close(q.step.grad, (upstream * dvhat_ds).sum().view(1) * g)
+    inside = ((ratio > -q_n) & (ratio < q_p)).float()
+    torch.testing.assert_close(vv.grad, upstream * inside)
+    torch.testing.assert_close(out, torch.round(torch.clamp(ratio, -q_n, q_p)) * s)
+
+
+def test_lsq_init_and_activation_range():
+    v = torch.rand(4, 3, 8, 8) * 3
+    q = LSQ(bits=2, activation=True)
+    out = q(v)
+    assert q.step.item() == pytest.approx(2 * v.abs().mean().item() / math.sqrt(3), rel=1e-6)
+    levels = (out / q.step.detach()).round().unique()
+    assert set(levels.tolist()) <= {0.0, 1.0, 2.0, 3.0}
+
+
+def test_dorefa_weight_and_activation_formulas():
+    w = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(5))
+    out = DoReFaWeight(bits=2)(w)
+    wt = torch.tanh(w) / (2 * torch.tanh(w).abs().max()) + 0.5
+    torch.testing.assert_close(out, 2 * torch.round(wt * 3) / 3 - 1)
+    x = torch.linspace(-1, 2, 31)
+    torch.testing.assert_close(DoReFaAct(bits=3)(x), torch.round(x.clamp(0, 1) * 7) / 7)
+
+
+def test_pact_gradients():
+    q = PACT(bits=2, alpha=1.0)
+    x = torch.tensor([-0.5, 0.2, 0.7, 1.5, 3.0], requires_grad=True)
+    out = q(x)
+    out.sum().backward()
+    assert q.alpha.grad.item() == 2.0  # two inputs at or above alpha
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
+    torch.testing.assert_close(out.detach(), torch.tensor([0.0, 1 / 3, 2 / 3, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 16])
+@pytest.mark.parametrize("shape", [(1,), (7,), (13, 5), (3, 5, 3, 3)])
+def test_pack_round_trip(bits, shape):
+    codes = torch.randint(0, 2**bits, shape, generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    n = math.prod(shape)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n * bits / 8)
+    assert torch.equal(unpack_codes(packed, bits, shape), codes)
+
+
+def test_pack_one_bit_layout_is_little_endian():
+    assert pack_codes(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 1]), 1).tolist() == [0b10000001, 0b1]
+
+
+def test_make_quantizer_defaults_and_errors():
+    assert isinstance(make_quantizer(None, 1, "weight"), IMBWeight)
+    assert isinstance(make_quantizer(None, 4, "act"), LSQ)
+    assert make_quantizer(None, 4, "act").activation
+    assert isinstance(make_quantizer({"name": "sign", "estimator": "approx"}, 1, "act").estimator, ApproxSign)
+    assert isinstance(make_quantizer("sign", 1, "act").estimator, ClippedSTE)
+    with pytest.raises(ValueError, match="does not quantize to 4 bits"):
+        make_quantizer("imb", 4, "weight")
+    with pytest.raises(ValueError, match="does not quantize to 1 bits"):
+        make_quantizer("lsq", 1, "weight")
+    with pytest.raises(ValueError, match="unknown weight quantizer 'foo'"):
+        make_quantizer("foo", 2, "weight")
+    with pytest.raises(ValueError, match="bits=9 is not supported"):
+        make_quantizer(None, 9, "weight")

@@ -1,0 +1,43 @@
+"""``python -m trainers fit|validate|test --config PRESET.yaml``: LightningCLI with zoo defaults."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .data import CIFARDataModule
+from .module import ZooClassifier
+
+
+class ZooCLI(LightningCLI):
+    """LightningCLI whose model's ``num_classes`` comes from the data module, with a
+    configurable best-on-validation checkpoint (``--checkpoint.*``) and a CSV logger."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/top1",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+
+def main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
+    return ZooCLI(
+        ZooClassifier,
+        CIFARDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+            "callbacks": [LearningRateMonitor(logging_interval="step")],
+        },
+    )

@@ -1,0 +1,219 @@
+"""The LightningModule that trains any zoo model, optionally distilled from a frozen teacher."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+import zoo
+from distill import FeatureHooks, kd_loss, rbd_loss
+from zoo.packing import load_packed
+
+
+def load_weights(source: str, map_location: str = "cpu") -> nn.Module | dict[str, Tensor]:
+    """A model (zoo name or packed ``.safetensors``) or a state dict (Lightning ``.ckpt``)."""
+    path = Path(source).expanduser()
+    if path.suffix == ".safetensors":
+        return load_packed(path, map_location=map_location)
+    if path.suffix == ".ckpt":
+        state = torch.load(path, map_location=map_location, weights_only=False)["state_dict"]
+        return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    return zoo.load(source, map_location=map_location)
+
+
+def init_model_from(model: nn.Module, source: str) -> list[str]:
+    """Copy the weights of ``source`` into ``model`` (two-step training, fine-tuning).
+
+    Every parameter of ``model`` must be found; quantizer state the source lacks
+    (a float model has no LSQ step or estimator ``t``) keeps its fresh value.
+    Returns the names that were not in the source.
+    """
+    loaded = load_weights(source)
+    state = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    real_missing = [k for k in missing if "quantizer" not in k]
+    if real_missing or unexpected:
+        raise ValueError(
+            f"init_from={source!r} does not match the model: missing {real_missing[:6]}, unexpected {unexpected[:6]}"
+        )
+    return missing
+
+
+class ZooClassifier(pl.LightningModule):
+    """Train a zoo model by name with cross-entropy plus optional distillation.
+
+    Args:
+        model: zoo name, e.g. ``resnet20_w1a1`` (random init, see ``init_from``).
+        num_classes: linked from the data module by the CLI.
+        weight_quantizer / act_quantizer: quantizer specs overriding the
+            defaults (e.g. ``xnor``, ``{"name": "sign", "estimator": "ede"}``).
+        model_kwargs: extra architecture arguments (``activation``, ``first_last_bits``).
+        init_from: zoo name, packed ``.safetensors`` or Lightning ``.ckpt`` to start from.
+        teacher: zoo name or checkpoint of a frozen teacher (kept in eval mode).
+        kd_weight / kd_temperature: logit KD ``T^2 KL(p_t || p_s)`` weight and ``T``.
+        rbd_weight: weight ``beta`` of the RBD feature loss on the stage outputs.
+        ce_weight: weight of the label cross-entropy.
+        optimizer: ``sgd``, ``adam`` or ``adamw``; weight decay skips BN,
+            biases and quantizer parameters (all 0/1-d tensors).
+        scheduler: ``cosine``, ``step`` (``milestones`` in epochs, ``gamma``),
+            ``linear`` or ``constant``, per step, after ``warmup_epochs`` of linear warmup.
+    """
+
+    def __init__(
+        self,
+        model: str = "resnet20_fp",
+        num_classes: int = 10,
+        weight_quantizer: str | dict[str, Any] | None = None,
+        act_quantizer: str | dict[str, Any] | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        teacher: str | None = None,
+        kd_weight: float = 0.0,
+        kd_temperature: float = 1.0,
+        rbd_weight: float = 0.0,
+        ce_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 1e-4,
+        scheduler: str = "cosine",
+        warmup_epochs: float = 0.0,
+        milestones: list[float] | None = None,
+        gamma: float = 0.1,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer must be sgd, adam or adamw, got {optimizer!r}")
+        if scheduler not in ("cosine", "step", "linear", "constant"):
+            raise ValueError(f"scheduler must be cosine, step, linear or constant, got {scheduler!r}")
+        self.model = zoo.create_model(
+            model,
+            num_classes=num_classes,
+            weight_quantizer=weight_quantizer,
+            act_quantizer=act_quantizer,
+            **(model_kwargs or {}),
+        )
+        if init_from:
+            init_model_from(self.model, init_from)
+        self.teacher: nn.Module | None = None
+        if teacher:
+            loaded = load_weights(teacher)
+            if not isinstance(loaded, nn.Module):
+                raise ValueError("teacher must be a zoo name or a packed .safetensors checkpoint")
+            self.teacher = loaded.eval().requires_grad_(False)
+        if (kd_weight or rbd_weight) and self.teacher is None:
+            raise ValueError("kd_weight/rbd_weight need a teacher (--model.teacher resnet20_fp)")
+        self.student_hooks = FeatureHooks(self.model) if rbd_weight else None
+        self.teacher_hooks = FeatureHooks(self.teacher) if rbd_weight and self.teacher is not None else None
+        k = min(5, num_classes)
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=k, average="micro")
+        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_top5 = MulticlassAccuracy(num_classes, top_k=k, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # a teacher's BN statistics never move
+        return self
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self.model(x)
+        hp = self.hparams
+        ce = F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing)
+        loss = hp.ce_weight * ce
+        self.log("train/ce", ce, prog_bar=False)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
+            if hp.kd_weight:
+                kd = kd_loss(logits, teacher_logits, hp.kd_temperature)
+                loss = loss + hp.kd_weight * kd
+                self.log("train/kd", kd)
+            if hp.rbd_weight:
+                rbd = rbd_loss(self.student_hooks.outputs(), self.teacher_hooks.outputs())
+                loss = loss + hp.rbd_weight * rbd
+                self.log("train/rbd", rbd)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/top1", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = grad_norm(self.model, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        x, y = batch
+        logits = self.model(x)
+        top1, top5 = (self.val_top1, self.val_top5) if stage == "val" else (self.test_top1, self.test_top5)
+        top1(logits, y)
+        top5(logits, y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log(f"{stage}/top1", top1, prog_bar=True)
+        self.log(f"{stage}/top5", top5)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on conv/linear weights only; BN, biases and quantizer parameters are exempt."""
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or "quantizer" in name else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def lr_factor(self, step: int, total_steps: int, steps_per_epoch: float) -> float:
+        """The learning-rate multiplier at optimizer step ``step``."""
+        hp = self.hparams
+        warmup = hp.warmup_epochs * steps_per_epoch
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+        if hp.scheduler == "cosine":
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if hp.scheduler == "linear":
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * (1 - progress)
+        if hp.scheduler == "step":
+            epoch = step / steps_per_epoch
+            return hp.gamma ** sum(epoch >= m for m in (hp.milestones or []))
+        return 1.0
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = self.parameter_groups()
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        elif hp.optimizer == "adam":
+            opt = torch.optim.Adam(groups, lr=hp.lr)
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        per_epoch = total / epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: self.lr_factor(s, total, per_epoch))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

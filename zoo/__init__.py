@@ -1,0 +1,36 @@
+"""zoo: binary and extreme-low-bit (1-4 bit) networks for PyTorch.
+
+    import zoo
+    model = zoo.load("resnet20_w1a1")          # pretrained, eval mode
+    model = zoo.create_model("resnet18_w2a2")  # random init
+    zoo.list_models("*w1a1*", pretrained=True)
+
+Pure torch: importing ``zoo`` does not import Lightning.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import models as _models  # noqa: F401  (registers the architectures)
+from .convert import quantize
+from .layers import QConv2d, QLinear, RPReLU
+from .packing import CheckpointError, load_packed, save_packed
+from .registry import create_model, list_archs, list_models, load, model_card, parse_name
+
+__all__ = [
+    "CheckpointError",
+    "QConv2d",
+    "QLinear",
+    "RPReLU",
+    "__version__",
+    "create_model",
+    "list_archs",
+    "list_models",
+    "load",
+    "load_packed",
+    "model_card",
+    "parse_name",
+    "quantize",
+    "save_packed",
+]

@@ -1,0 +1,114 @@
+"""``python -m zoo list | info NAME | eval NAME [--data PATH]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import list_models, load, model_card
+from .data import DATASETS, evaluate, load_split
+from .packing import _atomic_write, load_packed
+from .registry import _cards, parse_name
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    cards = {card["name"]: card for card in _cards()}
+    with_ckpt = {parse_name(n).base for n in cards}
+    rows = []
+    for name in list_models(args.pattern, pretrained=True if args.pretrained else None):
+        card = cards.get(name)
+        if card is None and name in with_ckpt:
+            continue  # listed through its tagged checkpoints
+        top1 = card.get("top1") if card else None
+        rows.append(
+            [
+                name,
+                name.split("_")[-1].split(".")[0],
+                card.get("dataset", "-").split(" ")[0] if card else "-",
+                f"{top1:.2f}" if top1 is not None else "-",
+                _size(card.get("file_bytes")) if card else "-",
+            ]
+        )
+    header = ["name", "bits", "dataset", "top-1", "size"]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(json.dumps(model_card(args.name), indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    card_path = None
+    if args.name.endswith(".safetensors"):
+        model = load_packed(args.name)
+        card_path = Path(args.name).with_suffix(".json")
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    else:
+        model = load(args.name)
+        card = model.model_card
+    dataset = card.get("dataset_key", "cifar100" if model.num_classes == 100 else "cifar10")
+    images, labels = load_split(args.data, "test", dataset, download=args.download)
+    if args.limit:
+        images, labels = images[: args.limit], labels[: args.limit]
+    info = DATASETS[dataset]
+    result = evaluate(model, images, labels, info["mean"], info["std"], args.batch_size)
+    claim = card.get("top1")
+    print(f"model      {card.get('name', args.name)}")
+    print(f"data       {dataset} test split, {result['images']} images")
+    print(f"top-1      {result['top1']:.2f}   (card: {claim if claim is not None else '-'})")
+    print(f"top-5      {result['top5']:.2f}")
+    print(f"file size  {_size(card.get('file_bytes'))}   (float state_dict: {_size(card.get('float_bytes'))})")
+    if args.update_card:
+        if card_path is None or args.limit:
+            print("--update-card needs a .safetensors path and the full test split", file=sys.stderr)
+            return 2
+        card.update(
+            {"top1": round(result["top1"], 2), "top5": round(result["top5"], 2), "test_images": result["images"]}
+        )
+        _atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
+        print(f"wrote top-1 into {card_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zoo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="table of models: name, bits, dataset, top-1, size")
+    p.add_argument("pattern", nargs="?", default=None, help="glob, e.g. '*w1a1*'")
+    p.add_argument("--pretrained", action="store_true", help="only models with checkpoints")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("info", help="the model card of NAME")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("eval", help="evaluate a zoo model (or a packed .safetensors file) on the test split")
+    p.add_argument("name", help="zoo name or path to a packed .safetensors checkpoint")
+    p.add_argument(
+        "--data", default=None, help="zip, folder or torchvision root (default: $ZOO_DATA, the usual places)"
+    )
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR if none is found")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--update-card", action="store_true", help="write the measured top-1 into the file's card")
+    p.set_defaults(func=cmd_eval)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

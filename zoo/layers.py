@@ -1,0 +1,130 @@
+"""Quantized layers: ``nn.Conv2d``/``nn.Linear`` subclasses that take quantizer objects.
+
+``QConv2d(..., weight_quantizer=IMBWeight(), input_quantizer=Sign())`` computes
+``conv(input_quantizer(x), weight_quantizer(w))``. Binary convolutions zero-pad
+*after* the sign, so border taps contribute 0 (the {-1, 0, +1} semantics of
+``F.conv2d`` on a signed input); the deployed XNOR kernels reproduce that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .quant import Identity, Quantizer
+
+
+class _QuantizedMixin:
+    weight_quantizer: Quantizer
+    input_quantizer: Quantizer
+
+    @property
+    def weight_bits(self) -> int:
+        return self.weight_quantizer.bits
+
+    @property
+    def act_bits(self) -> int:
+        return self.input_quantizer.bits
+
+    def quantized_weight(self) -> Tensor:
+        """The weight the layer computes with (fake-quantized)."""
+        return self.weight_quantizer(self.weight)
+
+    def _bits_repr(self) -> str:
+        return f"w{self.weight_bits}a{self.act_bits}"
+
+
+class QConv2d(_QuantizedMixin, nn.Conv2d):
+    """``nn.Conv2d`` on quantized inputs and weights."""
+
+    def __init__(
+        self,
+        *args,
+        weight_quantizer: Quantizer | None = None,
+        input_quantizer: Quantizer | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_quantizer = weight_quantizer or Identity()
+        self.input_quantizer = input_quantizer or Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._bits_repr()}"
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_quantizer: Quantizer, input_quantizer: Quantizer) -> QConv2d:
+        """A QConv2d with ``conv``'s hyper-parameters and a copy of its weights."""
+        q = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            weight_quantizer=weight_quantizer,
+            input_quantizer=input_quantizer,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        q.load_state_dict(conv.state_dict(), strict=False)
+        return q
+
+
+class QLinear(_QuantizedMixin, nn.Linear):
+    """``nn.Linear`` on quantized inputs and weights."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight_quantizer: Quantizer | None = None,
+        input_quantizer: Quantizer | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, **kwargs)
+        self.weight_quantizer = weight_quantizer or Identity()
+        self.input_quantizer = input_quantizer or Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._bits_repr()}"
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_quantizer: Quantizer, input_quantizer: Quantizer) -> QLinear:
+        q = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            weight_quantizer=weight_quantizer,
+            input_quantizer=input_quantizer,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        q.load_state_dict(linear.state_dict(), strict=False)
+        return q
+
+
+QUANTIZED_LAYERS = (QConv2d, QLinear)
+
+
+class RPReLU(nn.Module):
+    """ReActNet's RPReLU (Liu et al., ECCV 2020): ``PReLU(x - gamma_c) + zeta_c`` per channel."""
+
+    def __init__(self, channels: int, init: float = 0.25) -> None:
+        super().__init__()
+        self.shift_in = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.prelu = nn.PReLU(channels, init=init)
+        self.shift_out = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.prelu(x - self.shift_in) + self.shift_out

@@ -1,0 +1,166 @@
+"""ResNets for binary and low-bit networks.
+
+* CIFAR ResNet-20/32/44/56, IR-Net structure (Qin et al., CVPR 2020, official
+  code): a shortcut around *every* quantized conv,
+  ``out = act(BN(conv1(x)) + shortcut(x)); out = act(BN(conv2(out)) + out)``,
+  option-A (subsample + zero-pad) shortcuts, real stem, head BN1d + real linear.
+* CIFAR ResNet-18/34: standard BasicBlock (He et al. 2016) with real 1x1
+  downsample convs, stem 3x3 / 64 channels, no max-pool.
+* ImageNet ResNet-18/34 in the Bi-Real structure (Liu et al., ECCV 2018):
+  the same shortcut around every conv, downsample = avg-pool + real 1x1 conv,
+  real 7x7 stem and fc.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .base import ACTIVATIONS, QuantConfig, ZooModel
+
+
+class OptionAShortcut(nn.Module):
+    """Parameter-free shortcut (He et al. 2016, option A): subsample by 2, zero-pad channels."""
+
+    def __init__(self, pad_channels: int) -> None:
+        super().__init__()
+        self.pad_channels = pad_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad_channels, self.pad_channels))
+
+
+class DoubleShortcutBlock(nn.Module):
+    """Two quantized 3x3 convs, each with its own shortcut (IR-Net / Bi-Real)."""
+
+    def __init__(self, q: QuantConfig, in_planes: int, planes: int, stride: int, act: str, downsample: str) -> None:
+        super().__init__()
+        self.conv1 = q.conv(in_planes, planes, 3, stride, 1)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = q.conv(planes, planes, 3, 1, 1)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.act1 = ACTIVATIONS[act]()
+        self.act2 = ACTIVATIONS[act]()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            if downsample == "A":
+                self.shortcut = OptionAShortcut((planes - in_planes) // 2)
+            else:  # Bi-Real: average pool, then a real 1x1 conv
+                self.shortcut = nn.Sequential(
+                    nn.AvgPool2d(stride) if stride != 1 else nn.Identity(),
+                    q.real_conv(in_planes, planes, 1),
+                    nn.BatchNorm2d(planes),
+                )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act1(self.bn1(self.conv1(x)) + self.shortcut(x))
+        return self.act2(self.bn2(self.conv2(out)) + out)
+
+
+class BasicBlock(nn.Module):
+    """Standard ResNet BasicBlock with a real 1x1 conv + BN downsample."""
+
+    def __init__(
+        self, q: QuantConfig, in_planes: int, planes: int, stride: int, act: str, downsample: str = "B"
+    ) -> None:
+        super().__init__()
+        self.conv1 = q.conv(in_planes, planes, 3, stride, 1)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = q.conv(planes, planes, 3, 1, 1)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.act1 = ACTIVATIONS[act]()
+        self.act2 = ACTIVATIONS[act]()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(q.real_conv(in_planes, planes, 1, stride), nn.BatchNorm2d(planes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(ZooModel):
+    """A ResNet made of stages of ``block``; stage outputs are ``layer1..layerN``."""
+
+    def __init__(
+        self,
+        q: QuantConfig,
+        block: type[nn.Module],
+        depths: list[int],
+        widths: list[int],
+        num_classes: int = 10,
+        activation: str | None = None,
+        stem: str = "cifar",
+        downsample: str = "A",
+        head_bn: bool = False,
+    ) -> None:
+        super().__init__()
+        act = activation or q.default_activation()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+        self.num_classes = num_classes
+        if stem == "cifar":
+            self.stem = nn.Sequential(
+                q.first_conv(3, widths[0], 3, 1, 1), nn.BatchNorm2d(widths[0]), ACTIVATIONS[act]()
+            )
+            reduction = 1
+        else:
+            self.stem = nn.Sequential(
+                q.first_conv(3, widths[0], 7, 2, 3),
+                nn.BatchNorm2d(widths[0]),
+                ACTIVATIONS[act](),
+                nn.MaxPool2d(3, 2, 1),
+            )
+            reduction = 4
+        in_planes = widths[0]
+        self.feature_info = []
+        for i, (depth, width) in enumerate(zip(depths, widths, strict=True)):
+            stride = 1 if i == 0 else 2
+            blocks = []
+            for j in range(depth):
+                blocks.append(block(q, in_planes, width, stride if j == 0 else 1, act, downsample))
+                in_planes = width
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            reduction *= stride
+            self.feature_info.append({"module": f"layer{i + 1}", "num_chs": width, "reduction": reduction})
+        self.num_stages = len(depths)
+        self.num_features = in_planes
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head_bn = nn.BatchNorm1d(in_planes) if head_bn else nn.Identity()
+        self.fc = q.classifier(in_planes, num_classes)
+        self.feature_info.append({"module": "head_bn", "num_chs": in_planes, "reduction": None})
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return x
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.fc(self.head_bn(self.pool(x).flatten(1)))
+
+
+def cifar_resnet_ir(q: QuantConfig, depth: int, num_classes: int = 10, **kwargs) -> ResNet:
+    """IR-Net CIFAR ResNet-``depth`` (depth = 6n + 2)."""
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    n = (depth - 2) // 6
+    return ResNet(q, DoubleShortcutBlock, [n] * 3, [16, 32, 64], num_classes, downsample="A", head_bn=True, **kwargs)
+
+
+def cifar_resnet_basic(q: QuantConfig, depths: list[int], num_classes: int = 10, **kwargs) -> ResNet:
+    """CIFAR ResNet-18/34: BasicBlocks, widths 64..512, real 1x1 downsample."""
+    return ResNet(q, BasicBlock, depths, [64, 128, 256, 512], num_classes, downsample="B", **kwargs)
+
+
+def bireal_resnet(q: QuantConfig, depths: list[int], num_classes: int = 1000, **kwargs) -> ResNet:
+    """ImageNet ResNet in the Bi-Real structure (two units per block, each with a shortcut)."""
+    return ResNet(
+        q, DoubleShortcutBlock, depths, [64, 128, 256, 512], num_classes, stem="imagenet", downsample="avg", **kwargs
+    )

@@ -1,0 +1,155 @@
+"""Gradient estimators for ``sign``: forward is always ``sign(x)`` (with ``sign(0) = +1``),
+the backward multiplies the incoming gradient by ``g'(x)`` of a surrogate ``g``.
+
+Estimators are modules so that their state (``t``, ``k`` of the tanh estimator)
+is saved in checkpoints and can be driven by a schedule callback.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import channel_dims
+
+
+class Estimator(nn.Module):
+    """Surrogate derivative ``g'(x)`` used in place of ``d sign(x) / dx = 0``."""
+
+    name = "estimator"
+    needs_sigma = False
+
+    def derivative(self, x: Tensor, sigma: Tensor | None = None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {"name": self.name}
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class STE(Estimator):
+    """Plain straight-through estimator (BinaryConnect): ``g'(x) = 1``."""
+
+    name = "ste"
+
+    def derivative(self, x: Tensor, sigma: Tensor | None = None) -> Tensor:
+        return torch.ones_like(x)
+
+
+class ClippedSTE(Estimator):
+    """Clipped STE (Hubara et al., BNN 2016): ``g'(x) = 1[|x| <= 1]``."""
+
+    name = "clipped"
+
+    def derivative(self, x: Tensor, sigma: Tensor | None = None) -> Tensor:
+        return (x.abs() <= 1).to(x.dtype)
+
+
+class ApproxSign(Estimator):
+    """ApproxSign (Liu et al., Bi-Real Net, ECCV 2018): ``g'(x) = max(0, 2 - 2|x|)``."""
+
+    name = "approx"
+
+    def derivative(self, x: Tensor, sigma: Tensor | None = None) -> Tensor:
+        return torch.clamp(2 - 2 * x.abs(), min=0)
+
+
+class TanhEstimator(Estimator):
+    """IR-Net's EDE (Qin et al., CVPR 2020) and DIR-Net's DTE (IJCV 2022).
+
+    Surrogate ``g(x) = k * tanh(t * x / sigma)``, so
+    ``g'(x) = (k * t / sigma) * (1 - tanh(t * x / sigma)**2)``.
+
+    EDE: ``sigma = 1``. DTE [ours, ALGORITHMS.md section 2]: ``sigma`` is the
+    detached standard deviation of the quantizer input, per channel, so the
+    soft region follows the input distribution; with ``sigma = 1`` it equals EDE
+    exactly. ``t`` and ``k`` follow :func:`ede_schedule`, set once per epoch or
+    per step by ``trainers.callbacks.EstimatorSchedule``.
+    """
+
+    def __init__(self, t: float = 1.0, k: float | None = None, distribution_aware: bool = False) -> None:
+        super().__init__()
+        self.distribution_aware = distribution_aware
+        self.register_buffer("t", torch.tensor(0.0))
+        self.register_buffer("k", torch.tensor(0.0))
+        self.set_t(t, k)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "dte" if self.distribution_aware else "ede"
+
+    @property
+    def needs_sigma(self) -> bool:  # type: ignore[override]
+        return self.distribution_aware
+
+    def set_t(self, t: float, k: float | None = None) -> None:
+        """Set ``t`` and ``k`` (default ``k = max(1/t, 1)``, the IR-Net rule)."""
+        if not t > 0:
+            raise ValueError(f"the tanh estimator needs t > 0, got t={t}")
+        self.t.fill_(t)
+        self.k.fill_(max(1.0 / t, 1.0) if k is None else k)
+
+    def derivative(self, x: Tensor, sigma: Tensor | None = None) -> Tensor:
+        t, k = self.t.to(x.dtype), self.k.to(x.dtype)
+        if sigma is None:
+            u = torch.tanh(t * x)
+            return (k * t) * (1 - u * u)
+        u = torch.tanh(t * x / sigma)
+        return (k * t / sigma) * (1 - u * u)
+
+    def config(self) -> dict:
+        return {"name": self.name}
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, t={self.t.item():.4g}, k={self.k.item():.4g}"
+
+
+def ede_schedule(epoch: float, total: float, t_min: float, t_max: float) -> tuple[float, float]:
+    """IR-Net's schedule (official code): ``t = 10**(log10 T_min + (log10 T_max - log10 T_min) * i/N)``,
+    ``k = max(1/t, 1)``. ``epoch`` may be fractional for a per-step schedule."""
+    frac = min(max(epoch / total, 0.0), 1.0) if total > 0 else 1.0
+    t = 10 ** (math.log10(t_min) + (math.log10(t_max) - math.log10(t_min)) * frac)
+    return t, max(1.0 / t, 1.0)
+
+
+ESTIMATORS = {"ste": STE, "clipped": ClippedSTE, "approx": ApproxSign}
+
+
+def make_estimator(spec: str | Estimator | None, default: str = "ste") -> Estimator:
+    """Build an estimator from a name: ste, clipped, approx, ede, dte."""
+    if isinstance(spec, Estimator):
+        return spec
+    name = (spec or default).lower()
+    if name == "ede":
+        return TanhEstimator(distribution_aware=False)
+    if name == "dte":
+        return TanhEstimator(distribution_aware=True)
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {spec!r}; use one of ste, clipped, approx, ede, dte")
+    return ESTIMATORS[name]()
+
+
+class _SignFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, estimator: Estimator, sigma: Tensor | None) -> Tensor:
+        ctx.estimator = estimator
+        ctx.save_for_backward(x, sigma)
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, sigma = ctx.saved_tensors
+        return grad * ctx.estimator.derivative(x, sigma), None, None
+
+
+def sign(x: Tensor, estimator: Estimator, channel_dim: int = 1) -> Tensor:
+    """``sign(x)`` in {-1, +1} with the estimator's backward; ``sigma`` per ``channel_dim``."""
+    sigma = None
+    if estimator.needs_sigma:
+        dims = channel_dims(x, channel_dim)
+        sigma = x.detach().std(dim=dims, keepdim=True).clamp_min(1e-8)
+    return _SignFunction.apply(x, estimator, sigma)

@@ -1,0 +1,160 @@
+"""k-bit quantizers (2..8 and 16 bits): DoReFa, PACT and LSQ."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import Quantizer, WeightQuantizer, channel_dims, check_bits, grad_scale, round_ste
+
+
+def _check_kbit(bits: int, name: str) -> int:
+    check_bits(bits)
+    if not 2 <= bits <= 16:
+        raise ValueError(f"{name} quantizes to 2..16 bits, got bits={bits}; use 'sign'/'xnor'/'imb' for 1 bit")
+    return bits
+
+
+def dorefa_levels(x01: Tensor, bits: int) -> Tensor:
+    """``q_b(x) = round((2^b - 1) x) / (2^b - 1)`` with an identity STE (Zhou et al., DoReFa-Net 2016)."""
+    levels = 2**bits - 1
+    return round_ste(x01 * levels) / levels
+
+
+class DoReFaWeight(WeightQuantizer):
+    """DoReFa weights (Zhou et al. 2016; as in Zhuang et al., CVPR 2018, official code):
+    ``w~ = tanh(w) / (2 max|tanh(w)|) + 1/2``, ``Q_w = 2 q_b(w~) - 1``."""
+
+    name = "dorefa"
+
+    def __init__(self, bits: int = 4) -> None:
+        super().__init__(_check_kbit(bits, "dorefa"))
+
+    def _normalized(self, w: Tensor) -> Tensor:
+        t = torch.tanh(w)
+        return t / (2 * t.abs().max()) + 0.5
+
+    def quantize(self, w: Tensor) -> Tensor:
+        return 2 * dorefa_levels(self._normalized(w), self.bits) - 1
+
+    @torch.no_grad()
+    def encode(self, w: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        codes = torch.round(self._normalized(w) * (2**self.bits - 1))
+        return codes.to(torch.int32), {}
+
+    def decode(self, codes: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return 2 * (codes.to(torch.float32) / (2**self.bits - 1)) - 1
+
+
+class DoReFaAct(Quantizer):
+    """DoReFa activations: ``Q_a(x) = q_b(clip(x, 0, 1))``, identity STE inside the range."""
+
+    name = "dorefa"
+
+    def __init__(self, bits: int = 4) -> None:
+        super().__init__(_check_kbit(bits, "dorefa"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dorefa_levels(torch.clamp(x, 0, 1), self.bits)
+
+
+class PACT(Quantizer):
+    """PACT (Choi et al. 2018): ``y = clip(x, 0, alpha)`` with learnable ``alpha``,
+    ``Q(x) = round(y (2^b-1) / alpha) alpha / (2^b-1)``; STE through rounding so that
+    ``dQ/dalpha = 1[x >= alpha]`` and ``dQ/dx = 1[0 <= x < alpha]`` (the paper's gradients)."""
+
+    name = "pact"
+
+    def __init__(self, bits: int = 4, alpha: float = 10.0) -> None:
+        super().__init__(_check_kbit(bits, "pact"))
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.minimum(torch.relu(x), self.alpha)
+        levels = 2**self.bits - 1
+        alpha = self.alpha.detach()
+        q = torch.round(y.detach() * (levels / alpha)) * (alpha / levels)
+        return y + (q - y).detach()
+
+
+class LSQ(WeightQuantizer):
+    """LSQ, Learned Step size Quantization (Esser et al., ICLR 2020).
+
+    ``v_bar = round(clip(v/s, -Q_N, Q_P))``, ``v_hat = v_bar * s``; signed
+    (weights) ``Q_N = 2^(b-1), Q_P = 2^(b-1) - 1``; unsigned (activations after
+    ReLU) ``Q_N = 0, Q_P = 2^b - 1``. STE for ``v`` inside the range, 0 outside;
+    ``d v_hat/d s = -v/s + round(v/s)`` inside, ``-Q_N`` below, ``Q_P`` above,
+    times the gradient scale ``g = 1/sqrt(N Q_P)`` (``N`` elements per sample).
+    The step is initialized on the first forward as ``s = 2 mean|v| / sqrt(Q_P)``.
+    Weights are signed; activations (``activation=True``) unsigned unless
+    ``signed=True`` (inputs after hardtanh). Under DDP the initial step is
+    averaged across ranks so that every replica starts from the same value.
+    """
+
+    name = "lsq"
+
+    def __init__(
+        self,
+        bits: int = 4,
+        activation: bool = False,
+        signed: bool | None = None,
+        per_channel: bool = False,
+        channels: int = 1,
+    ) -> None:
+        super().__init__(_check_kbit(bits, "lsq"))
+        self.activation = activation
+        signed = not activation if signed is None else signed
+        self.signed = signed
+        self.per_channel = per_channel
+        self.q_n = 2 ** (bits - 1) if signed else 0
+        self.q_p = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        self.step = nn.Parameter(torch.ones(channels if per_channel else 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _step(self, v: Tensor) -> Tensor:
+        if self.per_channel:
+            return self.step.view(-1, *([1] * (v.dim() - 1)))
+        return self.step
+
+    @torch.no_grad()
+    def initialize(self, v: Tensor) -> None:
+        """``s = 2 mean|v| / sqrt(Q_P)`` (per channel when ``per_channel``)."""
+        mean_abs = v.abs().mean(dim=channel_dims(v, 0)) if self.per_channel else v.abs().mean().view(1)
+        step = (2 * mean_abs / math.sqrt(self.q_p)).clamp_min(1e-8)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(step)
+            step /= torch.distributed.get_world_size()
+        self.step.copy_(step)
+        self.initialized.fill_(True)
+
+    def integer(self, v: Tensor) -> Tensor:
+        """``round(clip(v/s, -Q_N, Q_P))`` without gradients (oscillation tracking, encoding)."""
+        with torch.no_grad():
+            return torch.round(torch.clamp(v / self._step(v), -self.q_n, self.q_p))
+
+    def quantize(self, v: Tensor) -> Tensor:
+        if not self.initialized:
+            self.initialize(v.detach())
+        per_sample = v[0].numel() if self.activation else v.numel()
+        s = grad_scale(self._step(v), 1.0 / math.sqrt(per_sample * self.q_p))
+        return round_ste(torch.clamp(v / s, -self.q_n, self.q_p)) * s
+
+    @torch.no_grad()
+    def encode(self, w: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if not self.initialized:
+            self.initialize(w)
+        return (self.integer(w) + self.q_n).to(torch.int32), {"step": self.step.detach().clone()}
+
+    def decode(self, codes: Tensor, params: dict[str, Tensor]) -> Tensor:
+        step = params["step"]
+        if self.per_channel:
+            step = step.view(-1, *([1] * (codes.dim() - 1)))
+        return (codes.to(step.dtype) - self.q_n) * step
+
+    def config(self) -> dict:
+        cfg = {"name": self.name, "bits": self.bits, "activation": self.activation, "signed": self.signed}
+        if self.per_channel:
+            cfg["per_channel"] = True
+        return cfg
