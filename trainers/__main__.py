@@ -2,7 +2,7 @@
 
 
 def run() -> None:
-    from .cli import main
+    from trainers.cli import main
 
     main()
 

@@ -94,12 +94,10 @@ class TanhEstimator(Estimator):
         self.k.fill_(max(1.0 / t, 1.0) if k is None else k)
 
     def derivative(self, x: Tensor, sigma: Tensor | None = None) -> Tensor:
-        t, k = self.t.to(x.dtype), self.k.to(x.dtype)
-        if sigma is None:
-            u = torch.tanh(t * x)
-            return (k * t) * (1 - u * u)
-        u = torch.tanh(t * x / sigma)
-        return (k * t / sigma) * (1 - u * u)
+        a = self.t.to(x.dtype) if sigma is None else self.t.to(x.dtype) / sigma  # slope t / sigma
+        ka = self.k.to(x.dtype) * a
+        u = torch.tanh(x * a).square_()
+        return torch.addcmul(ka, ka, u, value=-1)  # k t / sigma * (1 - tanh^2)
 
     def config(self) -> dict:
         return {"name": self.name}
@@ -138,7 +136,7 @@ class _SignFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, estimator: Estimator, sigma: Tensor | None) -> Tensor:
         ctx.estimator = estimator
         ctx.save_for_backward(x, sigma)
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        return torch.sign(x).masked_fill_(x == 0, 1.0)  # sign(0) = sign(-0) = +1
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -148,8 +146,16 @@ class _SignFunction(torch.autograd.Function):
 
 def sign(x: Tensor, estimator: Estimator, channel_dim: int = 1) -> Tensor:
     """``sign(x)`` in {-1, +1} with the estimator's backward; ``sigma`` per ``channel_dim``."""
-    sigma = None
-    if estimator.needs_sigma:
-        dims = channel_dims(x, channel_dim)
-        sigma = x.detach().std(dim=dims, keepdim=True).clamp_min(1e-8)
+    sigma = channel_std(x.detach(), channel_dim) if estimator.needs_sigma else None
     return _SignFunction.apply(x, estimator, sigma)
+
+
+def channel_std(x: Tensor, channel_dim: int) -> Tensor:
+    """Unbiased per-channel standard deviation (keepdim), from the first two moments:
+    ``var = n/(n-1) (E[x^2] - E[x]^2)``. Several times faster than ``Tensor.std`` over
+    non-contiguous dims on CPU, and exact enough for inputs of unit scale."""
+    dims = channel_dims(x, channel_dim)
+    n = x.numel() // x.shape[channel_dim]
+    mean = x.mean(dim=dims, keepdim=True)
+    var = (x * x).mean(dim=dims, keepdim=True) - mean * mean
+    return (var.clamp_min(0) * (n / max(n - 1, 1))).sqrt().clamp_min(1e-8)

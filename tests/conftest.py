@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny synthetic CIFAR-like zip, an isolated cache, a random float teacher."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.zip"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache(tmp_path_factory):
+    """Decoded-data caches go to a temporary directory, never the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ZOO_CACHE", str(tmp_path_factory.mktemp("zoo-cache")))
+    yield
+    mp.undo()
+
+
+def make_image_zip(path: Path, train_per_class: int = 16, test_per_class: int = 4, prefix: str = "") -> Path:
+    """A zip of random 32x32 JPEGs in the train/<class>/, test/<class>/ layout."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    with zipfile.ZipFile(path, "w") as zf:
+        for split, n in (("train", train_per_class), ("test", test_per_class)):
+            for c, name in enumerate(CLASSES):
+                for i in range(n):
+                    base = torch.full((32, 32, 3), 20 * c, dtype=torch.uint8)
+                    noise = torch.randint(0, 60, (32, 32, 3), generator=gen, dtype=torch.uint8)
+                    buf = io.BytesIO()
+                    Image.fromarray((base + noise).numpy()).save(buf, format="JPEG", quality=90)
+                    zf.writestr(f"{prefix}{split}/{name}/{i:04d}.jpg", buf.getvalue())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_zip(tmp_path_factory) -> Path:
+    return make_image_zip(tmp_path_factory.mktemp("data") / "tiny-cifar.zip")
+
+
+@pytest.fixture(scope="session")
+def float_teacher(tmp_path_factory) -> Path:
+    """A random resnet20_fp saved as a packed checkpoint (stands in for the zoo teacher)."""
+    import zoo
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "resnet20_fp.test.safetensors"
+    zoo.save_packed(zoo.create_model("resnet20_fp"), path)
+    return path

@@ -1,0 +1,254 @@
+"""The trainer: data pipeline, module, CLI with every preset, resume and DDP."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_image_zip
+from trainers.data import CIFARDataModule, cutout, random_crop_flip
+from zoo.data import DatasetNotFoundError, find_dataset, load_split
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted((REPO / "trainers" / "presets").glob("*.yaml"))
+MAIN_PRESETS = [p for p in PRESETS if p.suffixes == [".yaml"]]
+
+
+def _data_args(tiny_zip: Path) -> list[str]:
+    return [
+        f"--data.init_args.root={tiny_zip}",
+        "--data.init_args.val_size=40",
+        "--data.init_args.batch_size=16",
+        "--data.init_args.eval_batch_size=20",
+    ]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_random_crop_is_a_window_of_the_padded_image():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    torch.manual_seed(0)
+    out = random_crop_flip(images, padding=2, flip=False)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for i in range(2):
+        windows = [padded[i, :, y : y + 8, x : x + 8] for y in range(5) for x in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+
+
+def test_flip_flips_about_half_and_cutout_zeroes_a_square():
+    images = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8).repeat(400, 3, 1, 1)
+    torch.manual_seed(0)
+    out = random_crop_flip(images, padding=0, flip=True)
+    flipped = (out == images.flip(3)).flatten(1).all(1)
+    assert torch.equal(flipped | (out == images).flatten(1).all(1), torch.ones(400, dtype=torch.bool))
+    assert 150 < flipped.sum() < 250
+    holes = (cutout(torch.ones(50, 3, 32, 32), 8) == 0).flatten(1).sum(1)
+    assert holes.max() <= 3 * 9 * 9 and holes.min() > 0
+
+
+def test_zip_and_folder_give_the_same_tensors(tmp_path, tiny_zip):
+    import zipfile
+
+    folder = tmp_path / "tree"
+    zipfile.ZipFile(tiny_zip).extractall(folder)
+    zip_images, zip_labels = load_split(tiny_zip, "train")
+    dir_images, dir_labels = load_split(folder, "train")
+    assert zip_images.shape == (160, 3, 32, 32) and zip_images.dtype == torch.uint8
+    assert torch.equal(zip_images, dir_images) and torch.equal(zip_labels, dir_labels)
+    assert zip_labels.bincount().tolist() == [16] * 10
+    nested = make_image_zip(tmp_path / "nested.zip", 2, 1, prefix="cifar10/")  # a tree inside a top folder
+    assert load_split(nested, "test")[0].shape[0] == 10
+
+
+def test_missing_data_says_where_it_looked_and_how_to_fix(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        find_dataset(tmp_path / "nowhere")
+    text = str(err.value)
+    assert "nowhere" in text and "--data.root" in text and "ZOO_DATA" in text and "download" in text
+
+
+def test_validation_split_is_carved_from_train_with_a_fixed_seed(tiny_zip):
+    dm = CIFARDataModule(root=str(tiny_zip), val_size=40, batch_size=16)
+    dm.setup("fit")
+    again = CIFARDataModule(root=str(tiny_zip), val_size=40, batch_size=16)
+    again.setup("fit")
+    assert len(dm.train_set) == 120 and len(dm.val_set) == 40 and len(dm.test_set) == 40
+    assert torch.equal(dm.val_set.images, again.val_set.images)
+    train_keys = {img.numpy().tobytes() for img in dm.train_set.images}
+    assert not any(img.numpy().tobytes() in train_keys for img in dm.val_set.images)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (16,)
+
+
+# ----------------------------------------------------------------------------- module
+
+
+def test_weight_decay_skips_bn_biases_and_quantizer_parameters():
+    from trainers.module import ZooClassifier
+
+    module = ZooClassifier(model="resnet20_w2a2")
+    decay, no_decay = module.parameter_groups()
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    assert all(p.ndim == 4 or (p.ndim == 2 and "fc" in names[id(p)]) for p in decay["params"])
+    assert any("quantizer.step" in names[id(p)] for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 1e-4
+
+
+def test_lr_schedule_warmup_cosine_and_step():
+    from trainers.module import ZooClassifier
+
+    cosine = ZooClassifier(model="resnet20_fp", warmup_epochs=1, scheduler="cosine")
+    assert cosine.lr_factor(0, 1000, 100) == pytest.approx(0.01)
+    assert cosine.lr_factor(99, 1000, 100) == pytest.approx(1.0)
+    assert cosine.lr_factor(550, 1000, 100) == pytest.approx(0.5)
+    assert cosine.lr_factor(1000, 1000, 100) == pytest.approx(0.0, abs=1e-12)
+    step = ZooClassifier(model="resnet20_fp", scheduler="step", milestones=[2, 4], gamma=0.1)
+    assert [step.lr_factor(s, 600, 100) for s in (0, 199, 200, 450)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_teacher_is_frozen_and_gets_no_gradient(float_teacher):
+    from trainers.module import ZooClassifier
+
+    module = ZooClassifier(model="resnet20_w1a1", teacher=str(float_teacher), rbd_weight=1.0, kd_weight=1.0)
+    module.train()
+    assert not module.teacher.training
+    loss = module.training_step((torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))), 0)
+    loss.backward()
+    assert all(p.grad is None for p in module.teacher.parameters())
+    assert module.model.layer1[0].conv1.weight.grad is not None
+
+
+def test_init_from_copies_weights_and_rejects_a_different_architecture(float_teacher):
+    from trainers.module import ZooClassifier
+
+    module = ZooClassifier(model="resnet20_w1a1", init_from=str(float_teacher))
+    import zoo
+
+    teacher = zoo.load_packed(float_teacher)
+    assert torch.equal(module.model.layer2[1].conv2.weight, teacher.layer2[1].conv2.weight)
+    with pytest.raises(ValueError, match="does not match the model"):
+        ZooClassifier(model="resnet32_w1a1", init_from=str(float_teacher))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    out = subprocess.run(
+        [sys.executable, "-m", "trainers", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _teacher_args(preset: Path, teacher: Path) -> list[str]:
+    base = preset.name.split(".")[0]
+    text = "".join(p.read_text() for p in preset.parent.glob(base + ".*yaml"))
+    args = []
+    if "teacher:" in text:
+        args.append(f"--model.init_args.teacher={teacher}")
+    if "init_from:" in text:
+        args.append(f"--model.init_args.init_from={teacher}")
+    return args
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_runs_fast_dev_run(preset, tiny_zip, float_teacher, tmp_path):
+    configs = [f"--config={preset}"]
+    if preset.suffixes != [".yaml"]:  # a budget file is applied on top of its main preset
+        configs = [f"--config={preset.parent / (preset.name.split('.')[0] + '.yaml')}", *configs]
+    _run_cli(
+        ["fit", *configs, "--trainer.fast_dev_run=2", *_data_args(tiny_zip), *_teacher_args(preset, float_teacher)],
+        cwd=tmp_path,
+    )
+
+
+def test_print_config_round_trips(tmp_path):
+    preset = REPO / "trainers" / "presets" / "resnet20_w1a1_dirnet.yaml"
+    first = _run_cli(["fit", f"--config={preset}", "--model.init_args.lr=0.02", "--print_config"], cwd=tmp_path).stdout
+    (tmp_path / "printed.yaml").write_text(first)
+    second = _run_cli(["fit", "--config=printed.yaml", "--print_config"], cwd=tmp_path).stdout
+    assert first == second and "lr: 0.02" in first
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((run_dir / "metrics.csv").open()))
+
+
+def test_resume_continues_epoch_and_schedules(tiny_zip, tmp_path):
+    common = [
+        "fit",
+        "--model=trainers.ZooClassifier",
+        "--model.init_args.model=resnet20_w1a1",
+        "--data=trainers.CIFARDataModule",
+        *_data_args(tiny_zip),
+        "--trainer.accelerator=cpu",
+        "--trainer.logger.init_args.save_dir=logs",
+        "--trainer.logger.init_args.version=run",
+        "--trainer.callbacks+=trainers.EstimatorSchedule",
+        "--trainer.enable_progress_bar=false",
+    ]
+    _run_cli([*common, "--trainer.max_epochs=1"], cwd=tmp_path)
+    ckpt_dir = tmp_path / "logs" / "lightning_logs" / "run" / "checkpoints"
+    first = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    assert first["epoch"] == 0 and first["global_step"] == 7  # 120 images / 16, drop_last
+    _run_cli([*common, "--trainer.max_epochs=2", "--ckpt_path=last"], cwd=tmp_path)
+    second = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    assert second["epoch"] == 1 and second["global_step"] == 14
+    assert second["lr_schedulers"][0]["last_epoch"] == 14  # the LR schedule continued, not restarted
+    t_last = second["state_dict"]["model.layer3.2.conv2.input_quantizer.estimator.t"].item()
+    expected = 10 ** (math.log10(1e-3) + 4 * (1 + 6 / 7) / 2)  # set before batch 6 of 7 in epoch 1 of 2
+    assert t_last == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_trains_and_syncs_metrics(tiny_zip, float_teacher, tmp_path):
+    common = [
+        "--model=trainers.ZooClassifier",
+        f"--model.init_args.init_from={float_teacher}",
+        "--model.init_args.model=resnet20_fp",
+        "--data=trainers.CIFARDataModule",
+        *_data_args(tiny_zip),
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger.init_args.save_dir=logs",
+    ]
+    _run_cli(
+        [
+            "fit",
+            *common,
+            "--trainer.max_steps=2",
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
+            "--trainer.logger.init_args.version=ddpfit",
+        ],
+        cwd=tmp_path,
+    )
+    assert (tmp_path / "logs" / "lightning_logs" / "ddpfit" / "checkpoints" / "last.ckpt").is_file()
+    # validation of the same weights: one process vs two must give the same (synced) accuracy
+    single = _run_cli(
+        ["validate", *common, "--trainer.devices=1", "--trainer.logger.init_args.version=v1"], cwd=tmp_path
+    )
+    double = _run_cli(
+        ["validate", *common, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.logger.init_args.version=v2"],
+        cwd=tmp_path,
+    )
+    one = _metrics(tmp_path / "logs" / "lightning_logs" / "v1")[-1]
+    two = _metrics(tmp_path / "logs" / "lightning_logs" / "v2")[-1]
+    assert float(one["val/top1"]) == pytest.approx(float(two["val/top1"]))
+    assert float(one["val/loss"]) == pytest.approx(float(two["val/loss"]), rel=1e-4)
+    assert single.returncode == double.returncode == 0
