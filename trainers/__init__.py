@@ -1,7 +1,14 @@
 """Lightning trainer for zoo models: data modules, the module, callbacks, the CLI and presets."""
 
-from .callbacks import EstimatorSchedule, ExportPacked
+from .callbacks import BNReestimation, EstimatorSchedule, ExportPacked
 from .data import CIFARDataModule, ImageFolderDataModule
 from .module import ZooClassifier
 
-__all__ = ["CIFARDataModule", "EstimatorSchedule", "ExportPacked", "ImageFolderDataModule", "ZooClassifier"]
+__all__ = [
+    "BNReestimation",
+    "CIFARDataModule",
+    "EstimatorSchedule",
+    "ExportPacked",
+    "ImageFolderDataModule",
+    "ZooClassifier",
+]

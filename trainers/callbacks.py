@@ -14,6 +14,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 import zoo
+from zoo.bn import reestimate_bn
+from zoo.data import find_dataset
 from zoo.quant import TanhEstimator, ede_schedule
 from zoo.registry import model_from_config
 
@@ -51,17 +53,37 @@ class EstimatorSchedule(pl.Callback):
         pl_module.log("train/estimator_t", t)
 
 
+def _data_fields(datamodule: Any) -> dict[str, Any]:
+    """What the card says about the data: dataset, the copy it was read from, normalization."""
+    if datamodule is None or not hasattr(datamodule, "mean"):
+        return {}
+    fields: dict[str, Any] = {"mean": list(datamodule.mean), "std": list(datamodule.std)}
+    hp = getattr(datamodule, "hparams", {})
+    if "dataset" in hp:
+        source = find_dataset(hp.get("root"), hp["dataset"])
+        fields.update(
+            dataset=hp["dataset"],
+            data_source=f"{source.path.name} ({source.kind})",
+            input_size=[3, 32, 32],
+            val_split=f"{hp.get('val_size')} train images held out (seed {hp.get('split_seed')})",
+        )
+    return fields
+
+
 class ExportPacked(pl.Callback):
     """At the end of ``fit``, export the best validation checkpoint as a packed zoo file + card.
 
     The card records the preset, epochs trained, wall time (summed over
     resumed runs), hardware and the best validation top-1; the test top-1 is
     filled in later by a separate evaluation of the exported file
-    (``python -m zoo eval FILE --update-card``).
+    (``python -m zoo eval FILE --update-card``). A relative ``path`` is taken
+    under ``$ZOO_EXPORT_DIR`` when set (table reproduction exports there, not
+    over the published checkpoints).
     """
 
     def __init__(self, path: str, card: dict[str, Any] | None = None) -> None:
-        self.path = path
+        export_dir = os.environ.get("ZOO_EXPORT_DIR")
+        self.path = str(Path(export_dir) / Path(path).name) if export_dir and not Path(path).is_absolute() else path
         self.card = dict(card or {})
         self.wall_seconds = 0.0
         self._start = None
@@ -99,6 +121,7 @@ class ExportPacked(pl.Callback):
             epochs = trainer.current_epoch
         wall = self.wall_seconds + (time.time() - self._start if self._start else 0.0)
         card = {
+            **_data_fields(trainer.datamodule),
             **self.card,
             "epochs": epochs,
             "val_top1": best_val,
@@ -113,3 +136,29 @@ class ExportPacked(pl.Callback):
         rank_zero_info(
             f"exported {out['file']} ({out['file_bytes']} bytes), card {Path(self.path).with_suffix('.json')}"
         )
+
+
+class BNReestimation(pl.Callback):
+    """Re-estimate BatchNorm statistics (:func:`zoo.reestimate_bn`) from ``num_batches``
+    training batches before every validation and at the end of training, synced
+    across DDP ranks (Nagel et al., ICML 2022)."""
+
+    def __init__(self, num_batches: int = 50) -> None:
+        self.num_batches = num_batches
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if loader is None:
+            return
+        model = getattr(pl_module, "model", pl_module)
+        used = reestimate_bn(
+            model, (pl_module.transfer_batch_to_device(b, pl_module.device, 0) for b in loader), self.num_batches
+        )
+        pl_module.log("bn_reestimation/batches", float(used), sync_dist=False)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._run(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run(trainer, pl_module)

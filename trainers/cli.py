@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from .callbacks import ExportPacked
 from .data import CIFARDataModule
 from .module import ZooClassifier
 
@@ -25,6 +29,21 @@ class ZooCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+
+    def before_fit(self) -> None:
+        """Record the preset files and the command line in the exported model card."""
+        configs = [str(c) for c in (self.config[self.subcommand].get("config") or [])]
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, ExportPacked):
+                callback.card.setdefault("preset", " + ".join(_relative(c) for c in configs) or None)
+                callback.card.setdefault("command", "python -m trainers " + " ".join(sys.argv[1:]))
+
+
+def _relative(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 def main(args: list[str] | None = None, run: bool = True) -> ZooCLI:

@@ -13,6 +13,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import models as _models  # noqa: F401  (registers the architectures)
+from .bn import reestimate_bn
 from .convert import quantize
 from .layers import QConv2d, QLinear, RPReLU
 from .packing import CheckpointError, load_packed, save_packed
@@ -32,5 +33,6 @@ __all__ = [
     "model_card",
     "parse_name",
     "quantize",
+    "reestimate_bn",
     "save_packed",
 ]

@@ -1,0 +1,169 @@
+"""``python -m trainers reproduce TABLE [--budget smoke|cpu|paper] [--from-zoo]``.
+
+Runs every row of a paper table with its preset (or, with ``--from-zoo``,
+evaluates the published checkpoints) and prints paper vs measured vs gap as a
+Markdown table, also written to ``<out>/<table>-<budget>.md`` and ``.json``.
+Model selection uses the validation split; the measured number is the test
+top-1 of the exported packed file. Runs resume where they stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import zoo
+from zoo.data import DATASETS, evaluate, load_split
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    preset: str  # base name in trainers/presets, without .yaml
+    zoo_name: str
+
+
+TABLES: dict[str, list[Row]] = {
+    "float-cifar10": [
+        Row("ResNet-20 FP", "resnet20_fp", "resnet20_fp"),
+        Row("ResNet-18 FP", "resnet18_fp", "resnet18_fp"),
+        Row("VGG-Small FP", "vgg_small_fp", "vgg_small_fp"),
+    ],
+    "dirnet-cifar10": [
+        Row("ResNet-20 W1A1", "resnet20_w1a1_dirnet", "resnet20_w1a1"),
+        Row("ResNet-20 W1A32", "resnet20_w1a32_dirnet", "resnet20_w1a32"),
+        Row("ResNet-18 W1A1", "resnet18_w1a1_dirnet", "resnet18_w1a1"),
+        Row("VGG-Small W1A1", "vgg_small_w1a1_dirnet", "vgg_small_w1a1"),
+    ],
+}
+BUDGETS = ("smoke", "cpu", "paper")
+SMOKE_ARGS = ["--trainer.max_epochs=1", "--data.init_args.train_subset=1024", "--data.init_args.val_size=1000"]
+
+
+def preset_files(preset: str, budget: str) -> list[Path]:
+    """The config files of a preset at a budget: the paper recipe, plus its ``.cpu.yaml`` for cpu/smoke."""
+    main = PRESET_DIR / f"{preset}.yaml"
+    if not main.is_file():
+        raise FileNotFoundError(f"no preset {main}")
+    cpu = PRESET_DIR / f"{preset}.cpu.yaml"
+    return [main, cpu] if budget in ("cpu", "smoke") and cpu.is_file() else [main]
+
+
+def paper_number(preset: str) -> float | None:
+    """The paper's top-1 as the preset's export card states it (one place for each number)."""
+    config = yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text())
+    for callback in config.get("trainer", {}).get("callbacks", []):
+        card = callback.get("init_args", {}).get("card", {})
+        if "paper_top1" in card:
+            return float(card["paper_top1"])
+    return None
+
+
+def _test_top1(model, data: str | None, limit: int | None) -> float:
+    dataset = "cifar100" if model.num_classes == 100 else "cifar10"
+    images, labels = load_split(data, "test", dataset)
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    info = DATASETS[dataset]
+    return evaluate(model, images, labels, info["mean"], info["std"])["top1"]
+
+
+def run_row(row: Row, budget: str, out: Path, data: str | None, extra: list[str]) -> dict[str, Any]:
+    """Train one row (resuming if a previous run stopped) and measure its exported file on the test split."""
+    run_dir = out / row.preset / budget
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "trainers", "fit"]
+    args += [f"--config={p}" for p in preset_files(row.preset, budget)]
+    args += SMOKE_ARGS if budget == "smoke" else []
+    args += [f"--data.init_args.root={data}"] if data else []
+    args += [
+        f"--trainer.logger.init_args.save_dir={run_dir}",
+        "--trainer.logger.init_args.version=run",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+    if (run_dir / "lightning_logs" / "run" / "checkpoints" / "last.ckpt").is_file():
+        args.append("--ckpt_path=last")
+    env = {**os.environ, "ZOO_EXPORT_DIR": str(run_dir)}
+    with (run_dir / "fit.log").open("a") as log:
+        code = subprocess.call(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        return {"status": f"fit failed (exit {code}), see {run_dir / 'fit.log'}"}
+    exported = sorted(run_dir.glob("*.safetensors"))
+    if not exported:
+        return {"status": "no exported checkpoint"}
+    model = zoo.load_packed(exported[-1])
+    card = json.loads(exported[-1].with_suffix(".json").read_text())
+    return {
+        "status": "ok",
+        "top1": _test_top1(model, data, None),
+        "epochs": card.get("epochs"),
+        "file": str(exported[-1]),
+    }
+
+
+def from_zoo(row: Row, data: str | None, limit: int | None) -> dict[str, Any]:
+    try:
+        model = zoo.load(row.zoo_name)
+    except ValueError:
+        return {"status": "no published checkpoint"}
+    card = model.model_card
+    return {"status": "ok", "top1": _test_top1(model, data, limit), "epochs": card.get("epochs"), "file": card["file"]}
+
+
+def markdown(table: str, budget: str, results: list[dict[str, Any]]) -> str:
+    lines = [
+        f"### {table} ({budget})",
+        "",
+        "| row | zoo name | paper top-1 | measured top-1 | gap | epochs | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        measured, paper = r.get("top1"), r.get("paper_top1")
+        gap = f"{measured - paper:+.2f}" if measured is not None and paper is not None else "-"
+        lines.append(
+            f"| {r['label']} | {r['zoo_name']} | {paper if paper is not None else '-'} | "
+            f"{f'{measured:.2f}' if measured is not None else '-'} | {gap} | {r.get('epochs') or '-'} | {r['status']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainers reproduce", description=__doc__)
+    parser.add_argument("table", choices=sorted(TABLES))
+    parser.add_argument("--budget", choices=BUDGETS, default="cpu")
+    parser.add_argument(
+        "--from-zoo", action="store_true", help="evaluate the published checkpoints instead of training"
+    )
+    parser.add_argument("--data", default=None, help="CIFAR zip/folder/torchvision root (default: the usual places)")
+    parser.add_argument("--limit", type=int, default=None, help="with --from-zoo: evaluate on the first N test images")
+    parser.add_argument("--out", default="runs/reproduce", help="where runs and results go")
+    parser.add_argument("--rows", nargs="*", default=None, help="only these presets")
+    args, extra = parser.parse_known_args(argv)
+    out = Path(args.out) / args.table
+    results = []
+    for row in TABLES[args.table]:
+        if args.rows and row.preset not in args.rows:
+            continue
+        result = (
+            from_zoo(row, args.data, args.limit) if args.from_zoo else run_row(row, args.budget, out, args.data, extra)
+        )
+        results.append({**asdict(row), "paper_top1": paper_number(row.preset), **result})
+        print(f"{row.label}: {result}", flush=True)
+    budget = "zoo" if args.from_zoo else args.budget
+    text = markdown(args.table, budget, results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.table}-{budget}.md").write_text(text + "\n")
+    (out / f"{args.table}-{budget}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(text)
+    return 0
