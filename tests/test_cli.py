@@ -1,0 +1,87 @@
+"""The command lines: python -m zoo list/info/eval/table and python -m trainers reproduce."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import zoo
+from tests.test_trainer import REPO, _run_cli
+from zoo.__main__ import main as zoo_main
+
+
+def _published(tmp_path: Path) -> Path:
+    """A checkpoint directory holding one random resnet20_w1a1 with a card."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    zoo.save_packed(
+        zoo.create_model("resnet20_w1a1"),
+        tmp_path / "resnet20_w1a1.test.safetensors",
+        {"name": "resnet20_w1a1.test", "top1": 10.0, "dataset": "cifar10", "paper_top1": 86.5},
+    )
+    return tmp_path
+
+
+def test_zoo_list_info_eval(tmp_path, tiny_zip, monkeypatch, capsys):
+    monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(_published(tmp_path)))
+    assert zoo_main(["list", "--pretrained"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet20_w1a1.test" in out and "w1a1" in out and "10.00" in out and "kB" in out
+    assert zoo_main(["info", "resnet20_w1a1"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "resnet20_w1a1.test"
+    assert zoo_main(["eval", "resnet20_w1a1", "--data", str(tiny_zip)]) == 0
+    out = capsys.readouterr().out
+    assert "40 images" in out and "top-1" in out and "(card: 10.0)" in out
+
+
+def test_zoo_eval_updates_a_card_and_reports_bad_names(tmp_path, tiny_zip, capsys):
+    path = _published(tmp_path) / "resnet20_w1a1.test.safetensors"
+    assert zoo_main(["eval", str(path), "--data", str(tiny_zip), "--update-card"]) == 0
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["test_images"] == 40 and 0 <= card["top1"] <= 100
+    assert zoo_main(["eval", str(path)]) == 0  # the card was rewritten, sha256 still matches the file
+    capsys.readouterr()
+    assert zoo_main(["info", "resnt20_w1a1"]) == 2
+    assert "Did you mean resnet20_w1a1" in capsys.readouterr().err
+
+
+def test_zoo_eval_without_data_explains(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(_published(tmp_path)))
+    assert zoo_main(["eval", "resnet20_w1a1", "--data", str(tmp_path / "no-such-dir")]) == 2
+    assert "Looked in" in capsys.readouterr().err
+
+
+def test_reproduce_smoke_row_and_from_zoo(tmp_path, tiny_zip, float_teacher):
+    out = tmp_path / "out"
+    _run_cli(
+        [
+            "reproduce", "dirnet-cifar10", "--budget", "smoke", "--rows", "resnet20_w1a1_dirnet",
+            "--data", str(tiny_zip), "--out", str(out),
+            f"--model.init_args.teacher={float_teacher}", f"--model.init_args.init_from={float_teacher}",
+            "--data.init_args.val_size=40", "--data.init_args.batch_size=16",
+        ],
+        cwd=tmp_path,
+    )  # fmt: skip
+    results = json.loads((out / "dirnet-cifar10" / "dirnet-cifar10-smoke.json").read_text())
+    assert results[0]["status"] == "ok" and results[0]["paper_top1"] == 86.5 and results[0]["epochs"] == 1
+    assert 0 <= results[0]["top1"] <= 100
+    table = (out / "dirnet-cifar10" / "dirnet-cifar10-smoke.md").read_text()
+    assert "| ResNet-20 W1A1 | resnet20_w1a1 | 86.5 |" in table
+    assert not list((REPO / "checkpoints").glob("*smoke*"))  # exports went to the run directory
+
+    env = {"ZOO_CHECKPOINT_DIR": str(_published(tmp_path / "ckpts"))}
+    printed = _run_cli(
+        ["reproduce", "dirnet-cifar10", "--from-zoo", "--data", str(tiny_zip), "--out", str(out)], cwd=tmp_path, env=env
+    ).stdout
+    assert "| ResNet-20 W1A1 | resnet20_w1a1 | 86.5 |" in printed and "no published checkpoint" in printed
+
+
+def test_python_m_zoo_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-m", "zoo", "list", "*w1a1*"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)  # fmt: skip
+    assert "resnet20_w1a1" in out.stdout and "vgg_small_w1a1" in out.stdout
