@@ -1,0 +1,66 @@
+"""Training-step throughput of quantized vs float models in one run (target: w1a1 >= 0.85 x fp).
+
+    python benchmarks/train_throughput.py [--models resnet20_fp resnet20_w1a1] [--steps 20]
+
+Each model runs SGD steps (forward, backward, update) on random batches of
+128 CIFAR-sized images; the first steps are warm-up. Models alternate in
+rounds so that both see the same machine load. Prints images/s and the
+ratio to the first model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.nn import functional as F
+
+import zoo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--models", nargs="+", default=["resnet20_fp", "resnet20_w1a1", "resnet20_w1a32", "resnet20_w2a2"]
+    )
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch_size,))
+    setups = {}
+    for name in args.models:
+        model = zoo.create_model(name).train()
+        setups[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+
+    def step(name: str) -> None:
+        model, opt = setups[name]
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for name in args.models:  # warm-up
+        for _ in range(3):
+            step(name)
+    seconds = dict.fromkeys(args.models, 0.0)
+    for _ in range(args.rounds):
+        for name in args.models:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(name)
+            seconds[name] += time.perf_counter() - start
+    images = args.rounds * args.steps * args.batch_size
+    base = images / seconds[args.models[0]]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
+    print(f"{'model':20s} {'images/s':>10s} {'ratio':>7s}")
+    for name in args.models:
+        rate = images / seconds[name]
+        print(f"{name:20s} {rate:10.1f} {rate / base:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
