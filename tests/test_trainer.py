@@ -177,6 +177,21 @@ def test_every_preset_runs_fast_dev_run(preset, tiny_zip, float_teacher, tmp_pat
     )
 
 
+@pytest.mark.parametrize(
+    "ablation", sorted((REPO / "trainers" / "presets" / "ablations").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_every_ablation_runs_fast_dev_run(ablation, tiny_zip, float_teacher, tmp_path):
+    presets = REPO / "trainers" / "presets"
+    configs = [presets / "resnet20_w1a1_dirnet.yaml", presets / "resnet20_w1a1_dirnet.cpu.yaml", ablation]
+    keeps_teacher = "teacher: null" not in ablation.read_text()
+    args = [f"--model.init_args.init_from={float_teacher}"]
+    args += [f"--model.init_args.teacher={float_teacher}"] if keeps_teacher else []
+    _run_cli(
+        ["fit", *[f"--config={c}" for c in configs], "--trainer.fast_dev_run=2", *_data_args(tiny_zip), *args],
+        cwd=tmp_path,
+    )
+
+
 def test_print_config_round_trips(tmp_path):
     preset = REPO / "trainers" / "presets" / "resnet20_w1a1_dirnet.yaml"
     first = _run_cli(["fit", f"--config={preset}", "--model.init_args.lr=0.02", "--print_config"], cwd=tmp_path).stdout

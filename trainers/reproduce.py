@@ -31,6 +31,11 @@ class Row:
     label: str
     preset: str  # base name in trainers/presets, without .yaml
     zoo_name: str
+    ablation: str | None = None  # a file in trainers/presets/ablations layered on the preset
+
+    @property
+    def key(self) -> str:
+        return self.preset + (f"+{self.ablation}" if self.ablation else "")
 
 
 TABLES: dict[str, list[Row]] = {
@@ -45,18 +50,28 @@ TABLES: dict[str, list[Row]] = {
         Row("ResNet-18 W1A1", "resnet18_w1a1_dirnet", "resnet18_w1a1"),
         Row("VGG-Small W1A1", "vgg_small_w1a1_dirnet", "vgg_small_w1a1"),
     ],
+    # ResNet-20 W1A1 ablation (issue: IR-Net baseline, each DIR-Net part alone, all three)
+    "dirnet-ablation": [
+        Row("baseline (XNOR scale, EDE, no RBD)", "resnet20_w1a1_dirnet", "-", "dirnet_base"),
+        Row("+ IMB", "resnet20_w1a1_dirnet", "-", "dirnet_imb"),
+        Row("+ DTE", "resnet20_w1a1_dirnet", "-", "dirnet_dte"),
+        Row("+ RBD", "resnet20_w1a1_dirnet", "-", "dirnet_rbd"),
+        Row("IMB + DTE + RBD (DIR-Net)", "resnet20_w1a1_dirnet", "-"),
+    ],
 }
 BUDGETS = ("smoke", "cpu", "paper")
 SMOKE_ARGS = ["--trainer.max_epochs=1", "--data.init_args.train_subset=1024", "--data.init_args.val_size=1000"]
 
 
-def preset_files(preset: str, budget: str) -> list[Path]:
-    """The config files of a preset at a budget: the paper recipe, plus its ``.cpu.yaml`` for cpu/smoke."""
-    main = PRESET_DIR / f"{preset}.yaml"
+def preset_files(row: Row, budget: str) -> list[Path]:
+    """The config files of a row at a budget: the paper recipe, its ``.cpu.yaml`` for cpu/smoke,
+    then the row's ablation file."""
+    main = PRESET_DIR / f"{row.preset}.yaml"
     if not main.is_file():
         raise FileNotFoundError(f"no preset {main}")
-    cpu = PRESET_DIR / f"{preset}.cpu.yaml"
-    return [main, cpu] if budget in ("cpu", "smoke") and cpu.is_file() else [main]
+    cpu = PRESET_DIR / f"{row.preset}.cpu.yaml"
+    files = [main, cpu] if budget in ("cpu", "smoke") and cpu.is_file() else [main]
+    return files + ([PRESET_DIR / "ablations" / f"{row.ablation}.yaml"] if row.ablation else [])
 
 
 def paper_number(preset: str) -> float | None:
@@ -80,10 +95,10 @@ def _test_top1(model, data: str | None, limit: int | None) -> float:
 
 def run_row(row: Row, budget: str, out: Path, data: str | None, extra: list[str]) -> dict[str, Any]:
     """Train one row (resuming if a previous run stopped) and measure its exported file on the test split."""
-    run_dir = out / row.preset / budget
+    run_dir = out / row.key / budget
     run_dir.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "trainers", "fit"]
-    args += [f"--config={p}" for p in preset_files(row.preset, budget)]
+    args += [f"--config={p}" for p in preset_files(row, budget)]
     args += SMOKE_ARGS if budget == "smoke" else []
     args += [f"--data.init_args.root={data}"] if data else []
     args += [
@@ -125,15 +140,16 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]]) -> str:
     lines = [
         f"### {table} ({budget})",
         "",
-        "| row | zoo name | paper top-1 | measured top-1 | gap | epochs | status |",
-        "|---|---|---|---|---|---|---|",
+        "| row | zoo name | paper top-1 | measured top-1 | gap | val top-1 | epochs | status |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        measured, paper = r.get("top1"), r.get("paper_top1")
+        measured, paper, val = r.get("top1"), r.get("paper_top1"), r.get("val_top1")
         gap = f"{measured - paper:+.2f}" if measured is not None and paper is not None else "-"
         lines.append(
             f"| {r['label']} | {r['zoo_name']} | {paper if paper is not None else '-'} | "
-            f"{f'{measured:.2f}' if measured is not None else '-'} | {gap} | {r.get('epochs') or '-'} | {r['status']} |"
+            f"{f'{measured:.2f}' if measured is not None else '-'} | {gap} | "
+            f"{f'{val:.2f}' if val is not None else '-'} | {r.get('epochs') or '-'} | {r['status']} |"
         )
     return "\n".join(lines)
 
@@ -153,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / args.table
     results = []
     for row in TABLES[args.table]:
-        if args.rows and row.preset not in args.rows:
+        if args.rows and row.key not in args.rows and row.preset not in args.rows:
             continue
         result = (
             from_zoo(row, args.data, args.limit) if args.from_zoo else run_row(row, args.budget, out, args.data, extra)

@@ -44,6 +44,46 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+TABLE_START, TABLE_END = "<!-- model-table:start -->", "<!-- model-table:end -->"
+
+
+def model_table() -> str:
+    """The Markdown table of published checkpoints, generated from their cards."""
+    lines = [
+        "| name | W/A bits | method | test top-1 | paper | epochs | file | vs float |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for card in sorted(_cards(), key=lambda c: c["name"]):
+        ratio = card["float_bytes"] / card["file_bytes"] if card.get("float_bytes") else None
+        top1 = card.get("top1")
+        lines.append(
+            f"| `{card['name']}` | {card['weight_bits']}/{card['act_bits']} | {card.get('method', '-')} | "
+            f"{f'{top1:.2f}' if top1 is not None else 'not measured'} | {card.get('paper_top1', '-')} | "
+            f"{card.get('epochs', '-')} | {_size(card.get('file_bytes'))} | "
+            f"{f'1/{ratio:.1f}' if ratio else '-'} |"
+        )
+    if len(lines) == 2:
+        lines.append("| (no checkpoints published yet) | | | | | | | |")
+    return "\n".join(lines)
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    table = model_table()
+    if not args.write:
+        print(table)
+        return 0
+    path = Path(args.write)
+    text = path.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise ValueError(f"{path} has no {TABLE_START} ... {TABLE_END} block to fill")
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    new = f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}"
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(new))
+    print(f"wrote the model table into {path}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     print(json.dumps(model_card(args.name), indent=2))
     return 0
@@ -89,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pattern", nargs="?", default=None, help="glob, e.g. '*w1a1*'")
     p.add_argument("--pretrained", action="store_true", help="only models with checkpoints")
     p.set_defaults(func=cmd_list)
+    p = sub.add_parser("table", help="Markdown table of the published checkpoints, from their cards")
+    p.add_argument("--write", metavar="README", help="replace the table block in this Markdown file")
+    p.set_defaults(func=cmd_table)
     p = sub.add_parser("info", help="the model card of NAME")
     p.add_argument("name")
     p.set_defaults(func=cmd_info)
