@@ -1,6 +1,6 @@
 """Lightning trainer for zoo models: data modules, the module, callbacks, the CLI and presets."""
 
-from .callbacks import BNReestimation, EstimatorSchedule, ExportPacked
+from .callbacks import BNReestimation, EstimatorSchedule, ExportPacked, OscillationDampening, OscillationTracking
 from .data import CIFARDataModule, ImageFolderDataModule
 from .module import ZooClassifier
 
@@ -10,5 +10,7 @@ __all__ = [
     "EstimatorSchedule",
     "ExportPacked",
     "ImageFolderDataModule",
+    "OscillationDampening",
+    "OscillationTracking",
     "ZooClassifier",
 ]

@@ -16,8 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 import zoo
 from zoo.bn import reestimate_bn
 from zoo.data import find_dataset
-from zoo.quant import TanhEstimator, ede_schedule
-from zoo.registry import model_from_config
+from zoo.layers import QUANTIZED_LAYERS
+from zoo.quant import LSQ, TanhEstimator, ede_schedule
+from zoo.quant.oscillation import dampening_grad, dampening_loss, dampening_weight, freeze_threshold
 
 
 class EstimatorSchedule(pl.Callback):
@@ -108,17 +109,15 @@ class ExportPacked(pl.Callback):
         ckpt = trainer.checkpoint_callback
         model = pl_module.model
         best_val = None
+        epochs = trainer.current_epoch
         if isinstance(ckpt, ModelCheckpoint) and ckpt.best_model_path and os.path.isfile(ckpt.best_model_path):
             state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
-            best = model_from_config(model.zoo_config)
-            best.load_state_dict(
+            # the live model keeps training-only state (e.g. frozen weights) that the export needs
+            model.load_state_dict(
                 {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
             )
-            model = best
             best_val = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None
             epochs = state["epoch"] + 1
-        else:
-            epochs = trainer.current_epoch
         wall = self.wall_seconds + (time.time() - self._start if self._start else 0.0)
         card = {
             **_data_fields(trainer.datamodule),
@@ -162,3 +161,102 @@ class BNReestimation(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run(trainer, pl_module)
+
+
+def _tracked_layers(model: torch.nn.Module, max_bits: int) -> list[tuple[str, torch.nn.Module]]:
+    """Quantized layers whose weights use LSQ at <= ``max_bits`` bits."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, QUANTIZED_LAYERS) and isinstance(m.weight_quantizer, LSQ) and m.weight_bits <= max_bits
+    ]
+
+
+def _progress(trainer: pl.Trainer) -> float:
+    total = max(int(trainer.estimated_stepping_batches), 1)
+    return min(trainer.global_step / total, 1.0)
+
+
+class OscillationTracking(pl.Callback):
+    """Track weight oscillations of LSQ weights of <= ``max_bits`` bits every step, and with
+    ``freeze=True`` freeze oscillating weights (Nagel et al., ICML 2022, official code).
+
+    Freezing threshold: off for the first ``warmup`` of the iterations, then cosine
+    from ``f_start`` to ``f_end`` (it must be at least 2-3x ``momentum``). Logs the
+    fraction of weights with frequency above ``report_threshold`` [ours], overall and
+    per layer, and the frozen fraction. State lives in the model, so it is
+    checkpointed and restored on resume.
+    """
+
+    def __init__(
+        self,
+        momentum: float = 1e-3,
+        max_bits: int = 4,
+        freeze: bool = False,
+        f_start: float = 0.1,
+        f_end: float = 0.01,
+        warmup: float = 0.25,
+        report_threshold: float = 0.005,
+        log_layers_every_n_steps: int = 200,
+    ) -> None:
+        self.momentum, self.max_bits, self.freeze = momentum, max_bits, freeze
+        self.f_start, self.f_end, self.warmup = f_start, f_end, warmup
+        self.report_threshold = report_threshold
+        self.log_layers_every_n_steps = log_layers_every_n_steps
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # before a checkpoint is restored, so that the restored state has somewhere to go
+        for _, layer in _tracked_layers(pl_module.model, self.max_bits):
+            layer.weight_quantizer.track_oscillations(layer.weight.shape, self.momentum)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        layers = _tracked_layers(pl_module.model, self.max_bits)
+        if not layers:
+            return
+        threshold = freeze_threshold(_progress(trainer), self.f_start, self.f_end, self.warmup) if self.freeze else None
+        oscillating = frozen = total = 0
+        per_layer = trainer.global_step % self.log_layers_every_n_steps == 0
+        for name, layer in layers:
+            state = layer.weight_quantizer.oscillation
+            state.update(layer.weight_quantizer.integer(layer.weight.detach(), frozen=False))
+            if threshold is not None:
+                state.freeze(threshold)
+            n = state.freq.numel()
+            fraction = state.oscillating_fraction(self.report_threshold)
+            oscillating += fraction * n
+            frozen += state.frozen_fraction() * n
+            total += n
+            if per_layer:
+                pl_module.log(f"oscillations/{name}", fraction)
+        pl_module.log("train/oscillating_fraction", oscillating / total)
+        pl_module.log("train/frozen_fraction", frozen / total)
+        if threshold is not None:
+            pl_module.log("train/freeze_threshold", threshold)
+
+
+class OscillationDampening(pl.Callback):
+    """Oscillation dampening (Nagel et al., ICML 2022): adds ``lambda * dL_damp/dw`` to the
+    gradients of LSQ weights of <= ``max_bits`` bits, ``L_damp`` summed over layers
+    (:func:`zoo.quant.oscillation.dampening_loss`); ``lambda`` is 0 for the first
+    ``warmup`` of the iterations, then cosine-increased to ``lam_max``. The analytic
+    gradient is used, so no second backward runs through a DDP-wrapped model."""
+
+    def __init__(self, lam_max: float = 0.1, warmup: float = 0.25, max_bits: int = 4) -> None:
+        self.lam_max, self.warmup, self.max_bits = lam_max, warmup, max_bits
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        lam = dampening_weight(_progress(trainer), self.lam_max, self.warmup)
+        pl_module.log("train/dampening_lambda", lam)
+        if lam == 0:
+            return
+        loss = 0.0
+        with torch.no_grad():
+            for _, layer in _tracked_layers(pl_module.model, self.max_bits):
+                q = layer.weight_quantizer
+                w = layer.weight
+                quantized = q(w.detach())
+                args = (w.detach(), quantized, q.step, q.q_n, q.q_p)
+                loss += float(dampening_loss(*args))
+                if w.grad is not None:
+                    w.grad.add_(dampening_grad(*args), alpha=lam)
+        pl_module.log("train/dampening_loss", loss)

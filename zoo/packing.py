@@ -94,7 +94,8 @@ def model_stats(model: nn.Module) -> dict[str, int]:
 
 def packed_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors of a packed checkpoint and the per-tensor layout."""
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    # training-only state (oscillation statistics) is not part of an inference checkpoint
+    state = {k: v.detach() for k, v in model.state_dict().items() if ".oscillation." not in k}
     layout: dict[str, Any] = {}
     for name, layer in _packed_layers(model):
         key = f"{name}.weight"

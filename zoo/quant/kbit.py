@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Quantizer, WeightQuantizer, channel_dims, check_bits, grad_scale, round_ste
+from .oscillation import OscillationState, apply_frozen
 
 
 def _check_kbit(bits: int, name: str) -> int:
@@ -112,6 +113,13 @@ class LSQ(WeightQuantizer):
         self.q_p = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
         self.step = nn.Parameter(torch.ones(channels if per_channel else 1))
         self.register_buffer("initialized", torch.tensor(False))
+        self.oscillation: OscillationState | None = None
+
+    def track_oscillations(self, shape: torch.Size, momentum: float = 1e-3) -> OscillationState:
+        """Attach (once) the per-weight oscillation state used for tracking and freezing."""
+        if self.oscillation is None:
+            self.oscillation = OscillationState(shape, momentum).to(self.step.device)
+        return self.oscillation
 
     def _step(self, v: Tensor) -> Tensor:
         if self.per_channel:
@@ -129,17 +137,18 @@ class LSQ(WeightQuantizer):
         self.step.copy_(step)
         self.initialized.fill_(True)
 
-    def integer(self, v: Tensor) -> Tensor:
-        """``round(clip(v/s, -Q_N, Q_P))`` without gradients (oscillation tracking, encoding)."""
-        with torch.no_grad():
-            return torch.round(torch.clamp(v / self._step(v), -self.q_n, self.q_p))
+    @torch.no_grad()
+    def integer(self, v: Tensor, frozen: bool = True) -> Tensor:
+        """``round(clip(v/s, -Q_N, Q_P))``, frozen weights at their frozen value unless ``frozen=False``."""
+        x_int = torch.round(torch.clamp(v / self._step(v), -self.q_n, self.q_p))
+        return apply_frozen(x_int, self.oscillation) if frozen else x_int
 
     def quantize(self, v: Tensor) -> Tensor:
         if not self.initialized:
             self.initialize(v.detach())
         per_sample = v[0].numel() if self.activation else v.numel()
         s = grad_scale(self._step(v), 1.0 / math.sqrt(per_sample * self.q_p))
-        return round_ste(torch.clamp(v / s, -self.q_n, self.q_p)) * s
+        return apply_frozen(round_ste(torch.clamp(v / s, -self.q_n, self.q_p)), self.oscillation) * s
 
     @torch.no_grad()
     def encode(self, w: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
