@@ -85,3 +85,17 @@ def test_python_m_zoo_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "zoo", "list", "*w1a1*"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)  # fmt: skip
     assert "resnet20_w1a1" in out.stdout and "vgg_small_w1a1" in out.stdout
+
+
+def test_reestimate_bn_writes_a_new_checkpoint(tmp_path, tiny_zip, capsys):
+    source = _published(tmp_path) / "resnet20_w1a1.test.safetensors"
+    out = tmp_path / "reestimated.safetensors"
+    args = ["reestimate-bn", str(source), "--out", str(out), "--data", str(tiny_zip), "--num-batches", "3"]
+    assert zoo_main([*args, "--batch-size", "16", "--eval"]) == 0
+    printed = capsys.readouterr().out
+    assert "from 3 batches" in printed and "test top-1 before" in printed and "test top-1 after" in printed
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["bn_reestimation"].startswith("3 batches of 16") and "top1" not in card
+    before, after = zoo.load_packed(source), zoo.load_packed(out)
+    assert not torch.equal(before.stem[1].running_mean, after.stem[1].running_mean)
+    assert torch.equal(before.layer1[0].conv1.weight, after.layer1[0].conv1.weight)

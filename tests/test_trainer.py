@@ -182,7 +182,8 @@ def test_every_preset_runs_fast_dev_run(preset, tiny_zip, float_teacher, tmp_pat
 )
 def test_every_ablation_runs_fast_dev_run(ablation, tiny_zip, float_teacher, tmp_path):
     presets = REPO / "trainers" / "presets"
-    configs = [presets / "resnet20_w1a1_dirnet.yaml", presets / "resnet20_w1a1_dirnet.cpu.yaml", ablation]
+    base = "resnet20_w1a1_dirnet" if ablation.stem.startswith("dirnet") else "resnet20_w3a3_lsq"
+    configs = [presets / f"{base}.yaml", presets / f"{base}.cpu.yaml", ablation]
     keeps_teacher = "teacher: null" not in ablation.read_text()
     args = [f"--model.init_args.init_from={float_teacher}"]
     args += [f"--model.init_args.teacher={float_teacher}"] if keeps_teacher else []

@@ -147,13 +147,9 @@ class BNReestimation(pl.Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader = trainer.train_dataloader
-        if loader is None:
-            return
-        model = getattr(pl_module, "model", pl_module)
-        used = reestimate_bn(
-            model, (pl_module.transfer_batch_to_device(b, pl_module.device, 0) for b in loader), self.num_batches
-        )
-        pl_module.log("bn_reestimation/batches", float(used), sync_dist=False)
+        if loader is not None:
+            batches = (pl_module.transfer_batch_to_device(b, pl_module.device, 0) for b in loader)
+            reestimate_bn(getattr(pl_module, "model", pl_module), batches, self.num_batches)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":

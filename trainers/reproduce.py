@@ -58,6 +58,19 @@ TABLES: dict[str, list[Row]] = {
         Row("+ RBD", "resnet20_w1a1_dirnet", "-", "dirnet_rbd"),
         Row("IMB + DTE + RBD (DIR-Net)", "resnet20_w1a1_dirnet", "-"),
     ],
+    # Nagel et al. 2022 on CIFAR-10 ResNet-20, fine-tuned from resnet20_fp
+    "oscillations": [
+        Row(f"W{b}A{b} {label}", f"resnet20_w{b}a{b}_lsq", "-", ablation)
+        for b in (3, 4)
+        for label, ablation in (
+            ("LSQ + BN re-est.", None),
+            ("LSQ", "lsq_no_bn"),
+            ("+ dampening + BN re-est.", "osc_dampen"),
+            ("+ dampening", "osc_dampen_no_bn"),
+            ("+ freezing + BN re-est.", "osc_freeze"),
+            ("+ freezing", "osc_freeze_no_bn"),
+        )
+    ],
 }
 BUDGETS = ("smoke", "cpu", "paper")
 SMOKE_ARGS = ["--trainer.max_epochs=1", "--data.init_args.train_subset=1024", "--data.init_args.val_size=1000"]

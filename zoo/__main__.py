@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import list_models, load, model_card
-from .data import DATASETS, evaluate, load_split
+from .data import DATASETS, evaluate, load_split, normalize
 from .packing import _atomic_write, load_packed
 from .registry import _cards, parse_name
 
@@ -84,20 +84,50 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_any(name: str):
+    """A zoo name or a packed file -> (model, card, card path or None)."""
+    if name.endswith(".safetensors"):
+        card_path = Path(name).with_suffix(".json")
+        return load_packed(name), (json.loads(card_path.read_text()) if card_path.is_file() else {}), card_path
+    model = load(name)
+    return model, model.model_card, None
+
+
+def cmd_reestimate_bn(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bn import reestimate_bn
+    from .packing import save_packed
+
+    model, card, _ = _load_any(args.name)
+    dataset = "cifar100" if model.num_classes == 100 else "cifar10"
+    info = DATASETS[dataset]
+    images, _labels = load_split(args.data, "train", dataset)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
+    batches = (
+        normalize(images[order[i : i + args.batch_size]], info["mean"], info["std"])
+        for i in range(0, args.num_batches * args.batch_size, args.batch_size)
+    )
+    used = reestimate_bn(model, batches, args.num_batches)
+    fields = {k: v for k, v in card.items() if k not in ("file", "sha256", "file_bytes", "top1", "top5")}
+    fields["bn_reestimation"] = f"{used} batches of {args.batch_size} training images (seed {args.seed})"
+    out = save_packed(model, args.out, fields)
+    print(f"re-estimated BatchNorm statistics from {used} batches; wrote {args.out} ({_size(out['file_bytes'])})")
+    if args.eval:
+        test_images, test_labels = load_split(args.data, "test", dataset)
+        for label, m in (("before", _load_any(args.name)[0]), ("after", model)):
+            top1 = evaluate(m, test_images, test_labels, info["mean"], info["std"])["top1"]
+            print(f"test top-1 {label:6s} {top1:.2f}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     print(json.dumps(model_card(args.name), indent=2))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    card_path = None
-    if args.name.endswith(".safetensors"):
-        model = load_packed(args.name)
-        card_path = Path(args.name).with_suffix(".json")
-        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    else:
-        model = load(args.name)
-        card = model.model_card
+    model, card, card_path = _load_any(args.name)
     dataset = card.get("dataset_key", "cifar100" if model.num_classes == 100 else "cifar10")
     images, labels = load_split(args.data, "test", dataset, download=args.download)
     if args.limit:
@@ -145,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--update-card", action="store_true", help="write the measured top-1 into the file's card")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("reestimate-bn", help="re-estimate BatchNorm statistics and write a new packed checkpoint")
+    p.add_argument("name", help="zoo name or packed .safetensors file")
+    p.add_argument("--out", required=True, help="the new .safetensors file (its card is written beside it)")
+    p.add_argument("--data", default=None)
+    p.add_argument("--num-batches", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", action="store_true", help="print test top-1 before and after")
+    p.set_defaults(func=cmd_reestimate_bn)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
