@@ -2,6 +2,7 @@
 
 from .callbacks import BNReestimation, EstimatorSchedule, ExportPacked, OscillationDampening, OscillationTracking
 from .data import CIFARDataModule, ImageFolderDataModule
+from .lowbit import JointDistillation, ProgressiveQuantization, StochasticPrecision
 from .module import ZooClassifier
 
 __all__ = [
@@ -10,7 +11,10 @@ __all__ = [
     "EstimatorSchedule",
     "ExportPacked",
     "ImageFolderDataModule",
+    "JointDistillation",
     "OscillationDampening",
     "OscillationTracking",
+    "ProgressiveQuantization",
+    "StochasticPrecision",
     "ZooClassifier",
 ]

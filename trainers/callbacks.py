@@ -104,18 +104,27 @@ class ExportPacked(pl.Callback):
             return
         self._export(trainer, pl_module)
 
+    def paths(self, models: dict[str, torch.nn.Module]) -> dict[str, Path]:
+        """Where each model goes: ``{name}`` in ``path`` is the model's zoo name; without it, extra
+        models (e.g. more students of a joint run) get their role inserted before the suffix."""
+        path = Path(self.path)
+        out = {}
+        for role, model in models.items():
+            if "{name}" in self.path:
+                out[role] = Path(self.path.format(name=model.zoo_config["name"]))
+            else:
+                out[role] = path if not role else path.with_name(f"{path.stem}.{role}{path.suffix}")
+        return out
+
     @rank_zero_only
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ckpt = trainer.checkpoint_callback
-        model = pl_module.model
         best_val = None
         epochs = trainer.current_epoch
         if isinstance(ckpt, ModelCheckpoint) and ckpt.best_model_path and os.path.isfile(ckpt.best_model_path):
             state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
-            # the live model keeps training-only state (e.g. frozen weights) that the export needs
-            model.load_state_dict(
-                {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
-            )
+            # into the live module: it keeps training-only state (e.g. frozen weights) the export needs
+            pl_module.load_state_dict(state["state_dict"])
             best_val = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None
             epochs = state["epoch"] + 1
         wall = self.wall_seconds + (time.time() - self._start if self._start else 0.0)
@@ -131,10 +140,11 @@ class ExportPacked(pl.Callback):
                 "wall_time_hours": round(wall / 3600, 3),
             },
         }
-        out = zoo.save_packed(model.cpu(), self.path, card)
-        rank_zero_info(
-            f"exported {out['file']} ({out['file_bytes']} bytes), card {Path(self.path).with_suffix('.json')}"
-        )
+        models = pl_module.exportable_models()
+        for role, path in self.paths(models).items():
+            role_card = {**card, "role": role} if role else card
+            out = zoo.save_packed(models[role].cpu(), path, role_card)
+            rank_zero_info(f"exported {out['file']} ({out['file_bytes']} bytes), card {path.with_suffix('.json')}")
 
 
 class BNReestimation(pl.Callback):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import ExportPacked
-from .data import CIFARDataModule
-from .module import ZooClassifier
 
 
 class ZooCLI(LightningCLI):
@@ -48,8 +47,8 @@ def _relative(path: str) -> str:
 
 def main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
     return ZooCLI(
-        ZooClassifier,
-        CIFARDataModule,
+        pl.LightningModule,  # trainers.ZooClassifier, trainers.JointDistillation or your own
+        pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,

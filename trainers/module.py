@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,8 @@ from torchmetrics.classification import MulticlassAccuracy
 import zoo
 from distill import FeatureHooks, kd_loss, rbd_loss
 from zoo.packing import load_packed
+
+from .optim import OPTIMIZERS, Schedule, build_optimizer, parameter_groups, per_step_scheduler
 
 
 def load_weights(source: str, map_location: str = "cpu") -> nn.Module | dict[str, Tensor]:
@@ -94,10 +95,10 @@ class ZooClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"optimizer must be sgd, adam or adamw, got {optimizer!r}")
-        if scheduler not in ("cosine", "step", "linear", "constant"):
-            raise ValueError(f"scheduler must be cosine, step, linear or constant, got {scheduler!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        self.lr_restarts: list[float] = []  # set by ProgressiveQuantization: one LR cycle per stage
+        Schedule(scheduler)  # validates the name
         self.model = zoo.create_model(
             model,
             num_classes=num_classes,
@@ -175,45 +176,24 @@ class ZooClassifier(pl.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    @property
+    def schedule(self) -> Schedule:
+        hp = self.hparams
+        return Schedule(hp.scheduler, hp.warmup_epochs, hp.milestones, hp.gamma, hp.min_lr_ratio, self.lr_restarts)
+
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weight decay on conv/linear weights only; BN, biases and quantizer parameters are exempt."""
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or "quantizer" in name else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        return parameter_groups(self.model, self.hparams.weight_decay)
 
     def lr_factor(self, step: int, total_steps: int, steps_per_epoch: float) -> float:
         """The learning-rate multiplier at optimizer step ``step``."""
-        hp = self.hparams
-        warmup = hp.warmup_epochs * steps_per_epoch
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
-        if hp.scheduler == "cosine":
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        if hp.scheduler == "linear":
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * (1 - progress)
-        if hp.scheduler == "step":
-            epoch = step / steps_per_epoch
-            return hp.gamma ** sum(epoch >= m for m in (hp.milestones or []))
-        return 1.0
+        return self.schedule.factor(step, total_steps, steps_per_epoch)
+
+    def exportable_models(self) -> dict[str, nn.Module]:
+        """The models :class:`trainers.ExportPacked` writes, by role."""
+        return {"": self.model}
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = self.parameter_groups()
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
-        elif hp.optimizer == "adam":
-            opt = torch.optim.Adam(groups, lr=hp.lr)
-        else:
-            opt = torch.optim.AdamW(groups, lr=hp.lr)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        epochs = max(self.trainer.max_epochs or 1, 1)
-        per_epoch = total / epochs
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: self.lr_factor(s, total, per_epoch))
+        opt = build_optimizer(hp.optimizer, self.parameter_groups(), hp.lr, hp.momentum, hp.nesterov)
+        sched = per_step_scheduler(opt, self.schedule, self.trainer)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

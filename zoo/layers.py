@@ -18,6 +18,7 @@ from .quant import Identity, Quantizer
 class _QuantizedMixin:
     weight_quantizer: Quantizer
     input_quantizer: Quantizer
+    quantize: bool = True  # False: this layer runs real for now (stochastic precision)
 
     @property
     def weight_bits(self) -> int:
@@ -28,8 +29,17 @@ class _QuantizedMixin:
         return self.input_quantizer.bits
 
     def quantized_weight(self) -> Tensor:
-        """The weight the layer computes with (fake-quantized)."""
-        return self.weight_quantizer(self.weight)
+        """The weight the layer computes with (fake-quantized unless its quantizer is disabled)."""
+        use = self.quantize and self.weight_quantizer.enabled
+        return self.weight_quantizer(self.weight) if use else self.weight
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        return self.input_quantizer(x) if self.quantize and self.input_quantizer.enabled else x
+
+    def set_quantized(self, weight: bool = True, inputs: bool = True) -> None:
+        """Switch weight and input quantization on or off (the latent tensors are kept)."""
+        self.weight_quantizer.enabled = weight
+        self.input_quantizer.enabled = inputs
 
     def _bits_repr(self) -> str:
         return f"w{self.weight_bits}a{self.act_bits}"
@@ -50,7 +60,7 @@ class QConv2d(_QuantizedMixin, nn.Conv2d):
         self.input_quantizer = input_quantizer or Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._bits_repr()}"
@@ -94,7 +104,7 @@ class QLinear(_QuantizedMixin, nn.Linear):
         self.input_quantizer = input_quantizer or Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._bits_repr()}"

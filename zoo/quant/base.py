@@ -82,6 +82,16 @@ class Quantizer(nn.Module):
     def __init__(self, bits: int) -> None:
         super().__init__()
         self.bits = check_bits(bits)
+        self.enabled = True  # False: the layer uses the real tensor (progressive / stochastic precision)
+
+    def set_bits(self, bits: int, reinitialize: bool = True) -> None:
+        """Change the bit-width of a k-bit quantizer (progressive quantization); binary and
+        identity quantizers have a fixed width (switch them off with ``enabled`` instead).
+        ``reinitialize=False`` keeps learned scales (restoring a checkpoint of that width)."""
+        check_bits(bits)
+        if self.bits in (1, 32) or bits in (1, 32):
+            raise ValueError(f"the {self.name} quantizer cannot change from {self.bits} to {bits} bits")
+        self.bits = bits
 
     def config(self) -> dict:
         """Arguments that rebuild this quantizer with :func:`zoo.quant.make_quantizer`."""

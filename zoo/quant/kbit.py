@@ -126,6 +126,17 @@ class LSQ(WeightQuantizer):
             return self.step.view(-1, *([1] * (v.dim() - 1)))
         return self.step
 
+    def _set_range(self) -> None:
+        self.q_n = 2 ** (self.bits - 1) if self.signed else 0
+        self.q_p = 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    def set_bits(self, bits: int, reinitialize: bool = True) -> None:
+        """Change the bit-width; the step is re-initialized from the data on the next forward."""
+        super().set_bits(bits)
+        self._set_range()
+        if reinitialize:
+            self.initialized.fill_(False)
+
     @torch.no_grad()
     def initialize(self, v: Tensor) -> None:
         """``s = 2 mean|v| / sqrt(Q_P)`` (per channel when ``per_channel``)."""
