@@ -45,11 +45,22 @@ def tiny_zip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def float_teacher(tmp_path_factory) -> Path:
-    """A random resnet20_fp saved as a packed checkpoint (stands in for the zoo teacher)."""
+def float_teachers(tmp_path_factory):
+    """``arch -> path`` of a random ``<arch>_fp`` packed checkpoint (stands in for the zoo teachers)."""
     import zoo
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "resnet20_fp.test.safetensors"
-    zoo.save_packed(zoo.create_model("resnet20_fp"), path)
-    return path
+    directory = tmp_path_factory.mktemp("teachers")
+
+    def make(arch: str) -> Path:
+        path = directory / f"{arch}_fp.test.safetensors"
+        if not path.is_file():
+            torch.manual_seed(0)
+            zoo.save_packed(zoo.create_model(f"{arch}_fp"), path)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def float_teacher(float_teachers) -> Path:
+    return float_teachers("resnet20")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,41 +156,55 @@ def _run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = 
     return out
 
 
-def _teacher_args(preset: Path, teacher: Path) -> list[str]:
+def _cli_in_process(args: list[str], cwd: Path, monkeypatch) -> None:
+    """Run the trainer CLI in this process (no interpreter start-up: fast enough for every preset)."""
+    from trainers.cli import main
+
+    monkeypatch.chdir(cwd)
+    main(args=args)
+
+
+def _teacher_args(preset: Path, teachers) -> list[str]:
+    """Point every teacher / init option of a preset at a random float checkpoint of its architecture."""
     base = preset.name.split(".")[0]
+    teacher = teachers(re.split(r"_(?:w\d+a\d+|fp)", base)[0])
     text = "".join(p.read_text() for p in preset.parent.glob(base + ".*yaml"))
-    args = []
-    if "teacher:" in text:
-        args.append(f"--model.init_args.teacher={teacher}")
-    if "init_from:" in text:
-        args.append(f"--model.init_args.init_from={teacher}")
-    return args
+    keys = ("teacher", "init_from", "guide_init", "student_init")
+    return [f"--model.init_args.{key}={teacher}" for key in keys if f"{key}:" in text]
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
-def test_every_preset_runs_fast_dev_run(preset, tiny_zip, float_teacher, tmp_path):
+def test_every_preset_runs_fast_dev_run(preset, tiny_zip, float_teachers, tmp_path, monkeypatch):
     configs = [f"--config={preset}"]
     if preset.suffixes != [".yaml"]:  # a budget file is applied on top of its main preset
         configs = [f"--config={preset.parent / (preset.name.split('.')[0] + '.yaml')}", *configs]
-    _run_cli(
-        ["fit", *configs, "--trainer.fast_dev_run=2", *_data_args(tiny_zip), *_teacher_args(preset, float_teacher)],
-        cwd=tmp_path,
+    _cli_in_process(
+        ["fit", *configs, "--trainer.fast_dev_run=2", *_data_args(tiny_zip), *_teacher_args(preset, float_teachers)],
+        tmp_path,
+        monkeypatch,
     )
 
 
 @pytest.mark.parametrize(
     "ablation", sorted((REPO / "trainers" / "presets" / "ablations").glob("*.yaml")), ids=lambda p: p.stem
 )
-def test_every_ablation_runs_fast_dev_run(ablation, tiny_zip, float_teacher, tmp_path):
+def test_every_ablation_runs_fast_dev_run(ablation, tiny_zip, float_teachers, tmp_path, monkeypatch):
     presets = REPO / "trainers" / "presets"
-    base = "resnet20_w1a1_dirnet" if ablation.stem.startswith("dirnet") else "resnet20_w3a3_lsq"
+    base = {"dirnet": "resnet20_w1a1_dirnet", "lowbit": "resnet20_w2a2_dorefa"}.get(
+        ablation.stem.split("_")[0], "resnet20_w3a3_lsq"
+    )
+    if "combined" in ablation.stem:
+        base = "resnet20_w2a2_joint" if "w2a2" in ablation.stem else "resnet20_w4a4_joint"
+    elif "progressive_w4a4" in ablation.stem:
+        base = "resnet20_w4a4_dorefa"
     configs = [presets / f"{base}.yaml", presets / f"{base}.cpu.yaml", ablation]
-    keeps_teacher = "teacher: null" not in ablation.read_text()
-    args = [f"--model.init_args.init_from={float_teacher}"]
-    args += [f"--model.init_args.teacher={float_teacher}"] if keeps_teacher else []
-    _run_cli(
+    args = _teacher_args(presets / f"{base}.yaml", float_teachers)
+    if "teacher: null" in ablation.read_text():
+        args = [a for a in args if ".teacher=" not in a]
+    _cli_in_process(
         ["fit", *[f"--config={c}" for c in configs], "--trainer.fast_dev_run=2", *_data_args(tiny_zip), *args],
-        cwd=tmp_path,
+        tmp_path,
+        monkeypatch,
     )
 
 

@@ -58,6 +58,18 @@ TABLES: dict[str, list[Row]] = {
         Row("+ RBD", "resnet20_w1a1_dirnet", "-", "dirnet_rbd"),
         Row("IMB + DTE + RBD (DIR-Net)", "resnet20_w1a1_dirnet", "-"),
     ],
+    # Zhuang et al. (CVPR 2018, TPAMI 2021) on CIFAR-10 ResNet-20, DoReFa quantizers
+    "lowbit-cifar": [
+        row
+        for b in (4, 2)
+        for row in (
+            Row(f"W{b}A{b} direct QAT", f"resnet20_w{b}a{b}_dorefa", "-"),
+            Row(f"W{b}A{b} progressive", f"resnet20_w{b}a{b}_dorefa", "-", f"lowbit_progressive_w{b}a{b}"),
+            Row(f"W{b}A{b} stochastic precision", f"resnet20_w{b}a{b}_dorefa", "-", "lowbit_stochastic"),
+            Row(f"W{b}A{b} joint FP guide", f"resnet20_w{b}a{b}_joint", "-"),
+            Row(f"W{b}A{b} all combined", f"resnet20_w{b}a{b}_joint", "-", f"lowbit_combined_w{b}a{b}"),
+        )
+    ],
     # Nagel et al. 2022 on CIFAR-10 ResNet-20, fine-tuned from resnet20_fp
     "oscillations": [
         Row(f"W{b}A{b} {label}", f"resnet20_w{b}a{b}_lsq", "-", ablation)
