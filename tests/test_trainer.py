@@ -161,6 +161,7 @@ def _cli_in_process(args: list[str], cwd: Path, monkeypatch) -> None:
     from trainers.cli import main
 
     monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["python -m trainers"])
     main(args=args)
 
 

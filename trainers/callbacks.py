@@ -118,7 +118,7 @@ class ExportPacked(pl.Callback):
 
     @rank_zero_only
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        ckpt = trainer.checkpoint_callback
+        ckpt = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
         best_val = None
         epochs = trainer.current_epoch
         if isinstance(ckpt, ModelCheckpoint) and ckpt.best_model_path and os.path.isfile(ckpt.best_model_path):

@@ -23,7 +23,7 @@ class ZooCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/top1",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,  # see resume_checkpoint()
                 "checkpoint.filename": "best",
                 "checkpoint.auto_insert_metric_name": False,
             }
@@ -36,6 +36,12 @@ class ZooCLI(LightningCLI):
             if isinstance(callback, ExportPacked):
                 callback.card.setdefault("preset", " + ".join(_relative(c) for c in configs) or None)
                 callback.card.setdefault("command", "python -m trainers " + " ".join(sys.argv[1:]))
+
+
+def resume_checkpoint() -> ModelCheckpoint:
+    """``last.ckpt`` after every epoch, for ``--ckpt_path last``. (Lightning's ``save_last`` only
+    refreshes it when the monitored best improves, which would lose epochs on resume.)"""
+    return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
 
 
 def _relative(path: str) -> str:
@@ -56,6 +62,6 @@ def main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
-            "callbacks": [LearningRateMonitor(logging_interval="step")],
+            "callbacks": [LearningRateMonitor(logging_interval="step"), resume_checkpoint()],
         },
     )

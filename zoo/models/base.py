@@ -42,8 +42,7 @@ class QuantConfig:
         """hardtanh for binary networks (IR-Net, Bi-Real), ReLU otherwise."""
         return "hardtanh" if self.weight_bits == 1 or self.act_bits == 1 else "relu"
 
-    def conv(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, padding: int = 0) -> QConv2d:
-        """A quantized conv (no bias, BN follows)."""
+    def _qconv(self, in_ch: int, out_ch: int, kernel_size: int, stride: int, padding: int, wq, aq) -> QConv2d:
         return QConv2d(
             in_ch,
             out_ch,
@@ -51,23 +50,21 @@ class QuantConfig:
             stride=stride,
             padding=padding,
             bias=False,
-            weight_quantizer=make_quantizer(self.weight_quantizer, self.weight_bits, "weight", out_ch),
-            input_quantizer=make_quantizer(self.act_quantizer, self.act_bits, "act", in_ch),
+            weight_quantizer=wq,
+            input_quantizer=aq,
         )
 
+    def conv(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, padding: int = 0) -> QConv2d:
+        """A quantized conv (no bias, BN follows)."""
+        wq = make_quantizer(self.weight_quantizer, self.weight_bits, "weight", out_ch)
+        aq = make_quantizer(self.act_quantizer, self.act_bits, "act", in_ch)
+        return self._qconv(in_ch, out_ch, kernel_size, stride, padding, wq, aq)
+
     def first_conv(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, padding: int = 0) -> QConv2d:
-        """The stem conv: real input; real weights unless ``first_last_bits < 32``."""
-        return QConv2d(
-            in_ch,
-            out_ch,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            bias=False,
-            weight_quantizer=make_quantizer(
-                {"name": "lsq"} if self.first_last_bits < 32 else None, self.first_last_bits, "weight"
-            ),
-        )
+        """The stem conv: real input; real weights unless ``first_last_bits < 32`` (then LSQ)."""
+        spec = {"name": "lsq"} if self.first_last_bits < 32 else None
+        wq = make_quantizer(spec, self.first_last_bits, "weight")
+        return self._qconv(in_ch, out_ch, kernel_size, stride, padding, wq, None)
 
     def real_conv(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
         """A real conv (downsample shortcuts stay real in the Bi-Real/IR-Net structures)."""

@@ -30,10 +30,10 @@ class OptionAShortcut(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad_channels, self.pad_channels))
 
 
-class DoubleShortcutBlock(nn.Module):
-    """Two quantized 3x3 convs, each with its own shortcut (IR-Net / Bi-Real)."""
+class _TwoConvBlock(nn.Module):
+    """Two quantized 3x3 convs with BN and activations; subclasses add the shortcut and the wiring."""
 
-    def __init__(self, q: QuantConfig, in_planes: int, planes: int, stride: int, act: str, downsample: str) -> None:
+    def __init__(self, q: QuantConfig, in_planes: int, planes: int, stride: int, act: str) -> None:
         super().__init__()
         self.conv1 = q.conv(in_planes, planes, 3, stride, 1)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -42,6 +42,13 @@ class DoubleShortcutBlock(nn.Module):
         self.act1 = ACTIVATIONS[act]()
         self.act2 = ACTIVATIONS[act]()
         self.shortcut: nn.Module = nn.Identity()
+
+
+class DoubleShortcutBlock(_TwoConvBlock):
+    """Each quantized conv with its own shortcut (IR-Net / Bi-Real)."""
+
+    def __init__(self, q: QuantConfig, in_planes: int, planes: int, stride: int, act: str, downsample: str) -> None:
+        super().__init__(q, in_planes, planes, stride, act)
         if stride != 1 or in_planes != planes:
             if downsample == "A":
                 self.shortcut = OptionAShortcut((planes - in_planes) // 2)
@@ -57,20 +64,13 @@ class DoubleShortcutBlock(nn.Module):
         return self.act2(self.bn2(self.conv2(out)) + out)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_TwoConvBlock):
     """Standard ResNet BasicBlock with a real 1x1 conv + BN downsample."""
 
     def __init__(
         self, q: QuantConfig, in_planes: int, planes: int, stride: int, act: str, downsample: str = "B"
     ) -> None:
-        super().__init__()
-        self.conv1 = q.conv(in_planes, planes, 3, stride, 1)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = q.conv(planes, planes, 3, 1, 1)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.act1 = ACTIVATIONS[act]()
-        self.act2 = ACTIVATIONS[act]()
-        self.shortcut: nn.Module = nn.Identity()
+        super().__init__(q, in_planes, planes, stride, act)
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(q.real_conv(in_planes, planes, 1, stride), nn.BatchNorm2d(planes))
 

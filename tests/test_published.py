@@ -1,0 +1,46 @@
+"""Every published checkpoint: integrity, a forward pass, and its accuracy on a test slice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo
+from tests.conftest import SHARED_ZIP
+from zoo.data import DATASETS, evaluate, load_split
+from zoo.packing import sha256_file
+from zoo.registry import _cards, checkpoint_dir
+
+CARDS = _cards()
+NAMES = [card["name"] for card in CARDS]
+
+
+def test_every_card_names_an_existing_file_with_its_sha256():
+    for card in CARDS:
+        path = checkpoint_dir() / card["file"]
+        assert path.is_file(), f"{card['name']}: {path} is missing"
+        assert sha256_file(path) == card["sha256"], f"{card['name']}: sha256 mismatch"
+        assert path.stat().st_size == card["file_bytes"]
+        for field in ("top1", "paper_top1", "epochs", "preset", "dataset", "mean", "std", "trained_on"):
+            assert field in card, f"{card['name']}: card misses {field}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_published_checkpoint_loads_and_runs(name):
+    model = zoo.load(name)
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, model.num_classes) and torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(not SHARED_ZIP.is_file(), reason=f"the shared CIFAR-10 zip is not at {SHARED_ZIP}")
+@pytest.mark.parametrize("name", NAMES)
+def test_published_accuracy_on_a_test_slice_matches_the_card(name):
+    model = zoo.load(name)
+    card = model.model_card
+    images, labels = load_split(SHARED_ZIP, "test", "cifar10")
+    # a fixed, class-balanced-in-expectation slice of 1,000 images
+    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:1000]
+    info = DATASETS["cifar10"]
+    top1 = evaluate(model, images[idx], labels[idx], info["mean"], info["std"])["top1"]
+    assert abs(top1 - card["top1"]) < 3.5, f"{name}: {top1:.2f} on 1,000 test images vs card {card['top1']}"
