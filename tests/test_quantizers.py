@@ -210,3 +210,24 @@ def test_make_quantizer_defaults_and_errors():
         make_quantizer("foo", 2, "weight")
     with pytest.raises(ValueError, match="bits=9 is not supported"):
         make_quantizer(None, 9, "weight")
+
+
+def test_rsign_learns_a_per_channel_threshold_and_rprelu_formula():
+    from zoo.layers import RPReLU
+    from zoo.quant import RSign
+
+    q = RSign(channels=3)
+    q.threshold.data = torch.tensor([0.5, -0.5, 0.0])
+    x = torch.tensor([0.2, 0.2, 0.2]).view(1, 3, 1, 1).requires_grad_(True)
+    out = q(x)
+    assert out.flatten().tolist() == [-1.0, 1.0, 1.0]
+    out.sum().backward()
+    # ApproxSign backward at x - a = (-0.3, 0.7, 0.2): 2 - 2|u|; the threshold gets the negative
+    torch.testing.assert_close(q.threshold.grad, -torch.tensor([1.4, 0.6, 1.6]))
+    act = RPReLU(3)
+    act.shift_in.data = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
+    act.shift_out.data = torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    y = torch.tensor([-1.0, 0.5, 0.0]).view(1, 3, 1, 1)
+    u = y - act.shift_in
+    expected = torch.where(u >= 0, u, 0.25 * u) + act.shift_out
+    torch.testing.assert_close(act(y), expected)
