@@ -231,3 +231,18 @@ def test_rsign_learns_a_per_channel_threshold_and_rprelu_formula():
     u = y - act.shift_in
     expected = torch.where(u >= 0, u, 0.25 * u) + act.shift_out
     torch.testing.assert_close(act(y), expected)
+
+
+def test_lsq_per_channel_step_gradient_matches_formula():
+    q = LSQ(bits=2, per_channel=True, channels=3)  # signed weights: Q_N = 2, Q_P = 1
+    steps = torch.tensor([0.1, 0.2, 0.4])
+    q.step.data.copy_(steps)
+    q.initialized.fill_(True)
+    v = torch.randn(3, 5, generator=torch.Generator().manual_seed(6)) * 0.4
+    upstream = torch.randn(v.shape, generator=torch.Generator().manual_seed(7))
+    vv = v.clone().requires_grad_(True)
+    (q(vv) * upstream).sum().backward()
+    ratio = v / steps[:, None]
+    dvhat_ds = torch.where(ratio <= -2, -2.0, torch.where(ratio >= 1, 1.0, torch.round(ratio) - ratio))
+    g = 1 / math.sqrt(v.numel() * 1)
+    torch.testing.assert_close(q.step.grad, (upstream * dvhat_ds).sum(1) * g)
