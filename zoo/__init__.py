@@ -10,6 +10,8 @@ Pure torch: importing ``zoo`` does not import Lightning.
 
 from __future__ import annotations
 
+import sys
+
 __version__ = "0.1.0"
 
 from . import models as _models  # noqa: F401  (registers the architectures)
@@ -18,6 +20,9 @@ from .convert import quantize
 from .layers import QConv2d, QLinear, RPReLU
 from .packing import CheckpointError, load_packed, save_packed
 from .registry import create_model, list_archs, list_models, load, model_card, parse_name
+
+if "timm" in sys.modules:  # timm is already loaded: make zoo names timm names too
+    from . import timm_models  # noqa: F401
 
 __all__ = [
     "CheckpointError",
