@@ -246,3 +246,21 @@ def test_lsq_per_channel_step_gradient_matches_formula():
     dvhat_ds = torch.where(ratio <= -2, -2.0, torch.where(ratio >= 1, 1.0, torch.round(ratio) - ratio))
     g = 1 / math.sqrt(v.numel() * 1)
     torch.testing.assert_close(q.step.grad, (upstream * dvhat_ds).sum(1) * g)
+
+
+def test_compiled_kernels_match_eager():
+    from zoo.quant import estimators
+
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(8))
+    x[0, 0, 0, 0] = 0.0
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    q = Sign(estimator="dte")
+    q.estimator.set_t(2.5)
+    eager_out, eager_grad = q(x), _input_grad(q, x, upstream)
+    estimators.use_compiled_kernels(True)
+    try:
+        compiled_out, compiled_grad = q(x), _input_grad(q, x, upstream)
+    finally:
+        estimators.use_compiled_kernels(False)
+    assert torch.equal(compiled_out, eager_out) and compiled_out[0, 0, 0, 0] == 1.0
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-6)

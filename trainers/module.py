@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 import zoo
 from distill import FeatureHooks, kd_loss, rbd_loss
 from zoo.packing import load_packed
+from zoo.quant.estimators import use_compiled_kernels
 
 from .optim import OPTIMIZERS, Schedule, build_optimizer, parameter_groups, per_step_scheduler
 
@@ -66,6 +67,8 @@ class ZooClassifier(pl.LightningModule):
             biases and quantizer parameters (all 0/1-d tensors).
         scheduler: ``cosine``, ``step`` (``milestones`` in epochs, ``gamma``),
             ``linear`` or ``constant``, per step, after ``warmup_epochs`` of linear warmup.
+        compile_quantizers: fuse the binary quantizers' element-wise passes with
+            ``torch.compile`` (:func:`zoo.quant.estimators.use_compiled_kernels`).
     """
 
     def __init__(
@@ -92,9 +95,12 @@ class ZooClassifier(pl.LightningModule):
         milestones: list[float] | None = None,
         gamma: float = 0.1,
         min_lr_ratio: float = 0.0,
+        compile_quantizers: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if compile_quantizers:
+            use_compiled_kernels(True)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         self.lr_restarts: list[float] = []  # set by ProgressiveQuantization: one LR cycle per stage
