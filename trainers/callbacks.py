@@ -119,19 +119,20 @@ class ExportPacked(pl.Callback):
     @rank_zero_only
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ckpt = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
-        best_val = None
-        epochs = trainer.current_epoch
+        best_val = selected_epoch = None
         if isinstance(ckpt, ModelCheckpoint) and ckpt.best_model_path and os.path.isfile(ckpt.best_model_path):
             state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
             # into the live module: it keeps training-only state (e.g. frozen weights) the export needs
             pl_module.load_state_dict(state["state_dict"])
-            best_val = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None
-            epochs = state["epoch"] + 1
+            if ckpt.best_model_score is not None:  # torchmetrics accuracy is a fraction; cards use percent
+                best_val = round(100 * float(ckpt.best_model_score), 2)
+            selected_epoch = state["epoch"] + 1
         wall = self.wall_seconds + (time.time() - self._start if self._start else 0.0)
         card = {
             **_data_fields(trainer.datamodule),
             **self.card,
-            "epochs": epochs,
+            "epochs": trainer.current_epoch,  # epochs trained
+            "selected_epoch": selected_epoch,  # the epoch whose weights are exported (best on validation)
             "val_top1": best_val,
             "trained_on": {
                 "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
