@@ -139,7 +139,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike, card: dict[str, Any] 
         "num_classes": config["num_classes"],
         "quantizers": {"weight": config["weight_quantizer"], "act": config["act_quantizer"]},
         **model_stats(model),
-        "float_bytes": 4 * sum(v.numel() for v in model.state_dict().values()),
+        "float_bytes": 4 * sum(v.numel() for k, v in model.state_dict().items() if ".oscillation." not in k),
         "library_version": __version__,
         "torch_version": torch.__version__,
         "trained_on": {"hardware": f"{platform.machine()} CPU x{os.cpu_count()}"},
