@@ -200,4 +200,4 @@ def test_joint_training_steps_every_optimizer_and_exports_each_student(tiny_zip,
         assert not torch.equal(ckpt["state_dict"][prefix + key], teacher.state_dict()[key])  # every net stepped
     for name in ("resnet20_w2a2", "resnet20_w4a4", "resnet20_fp"):
         card = json.loads((tmp_path / f"{name}.joint.json").read_text())
-        assert card["name"] == name and card["epochs"] == 1
+        assert card["name"] == f"{name}.joint" and card["epochs"] == 1

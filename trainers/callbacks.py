@@ -143,7 +143,10 @@ class ExportPacked(pl.Callback):
         }
         models = pl_module.exportable_models()
         for role, path in self.paths(models).items():
-            role_card = {**card, "role": role} if role else card
+            role_card = {**card, "role": role} if role else dict(card)
+            stem, base = path.name.removesuffix(".safetensors"), models[role].zoo_config["name"]
+            if stem.startswith(base + "."):  # <name>.<tag>.safetensors: the card is the tagged name
+                role_card["name"] = stem
             out = zoo.save_packed(models[role].cpu(), path, role_card)
             rank_zero_info(f"exported {out['file']} ({out['file_bytes']} bytes), card {path.with_suffix('.json')}")
 
