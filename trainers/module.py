@@ -162,6 +162,8 @@ class ZooClassifier(pl.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if self.global_step % max(self.trainer.log_every_n_steps, 1):
+            return  # the norm is only logged on logging steps: don't compute it on the others
         norms = grad_norm(self.model, norm_type=2)
         if "grad_2.0_norm_total" in norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"])
