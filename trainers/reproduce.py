@@ -1,15 +1,20 @@
-"""``python -m trainers reproduce TABLE [--budget smoke|cpu|paper] [--from-zoo]``.
+"""``python -m trainers reproduce TABLE [--budget smoke|cpu|paper] [--from-zoo] [--tag T] [overrides]``.
 
 Runs every row of a paper table with its preset (or, with ``--from-zoo``,
 evaluates the published checkpoints) and prints paper vs measured vs gap as a
-Markdown table, also written to ``<out>/<table>-<budget>.md`` and ``.json``.
+Markdown table, also written to ``<out>/<table>-<budget>[-<tag>].md`` and ``.json``.
 Model selection uses the validation split; the measured number is the test
-top-1 of the exported packed file. Runs resume where they stopped.
+top-1 of the exported packed file, and, with ``--bn-reest``, the test top-1
+after re-estimating its BatchNorm statistics. Command-line overrides after the
+options (``--trainer.max_epochs=6 --data.init_args.train_subset=10000``) apply
+to every row: name such a budget with ``--tag`` so its runs and results stay
+apart. Runs resume where they stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -18,10 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 import zoo
-from zoo.data import DATASETS, evaluate, load_split
+from zoo.data import DATASETS, evaluate, load_split, normalize
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -109,18 +115,50 @@ def paper_number(preset: str) -> float | None:
     return None
 
 
+def _dataset(model) -> str:
+    return "cifar100" if model.num_classes == 100 else "cifar10"
+
+
 def _test_top1(model, data: str | None, limit: int | None) -> float:
-    dataset = "cifar100" if model.num_classes == 100 else "cifar10"
-    images, labels = load_split(data, "test", dataset)
+    images, labels = load_split(data, "test", _dataset(model))
     if limit:
         images, labels = images[:limit], labels[:limit]
-    info = DATASETS[dataset]
+    info = DATASETS[_dataset(model)]
     return evaluate(model, images, labels, info["mean"], info["std"])["top1"]
 
 
-def run_row(row: Row, budget: str, out: Path, data: str | None, extra: list[str]) -> dict[str, Any]:
+def _reestimate_bn(model, data: str | None, num_batches: int = 50, batch_size: int = 128) -> None:
+    """Re-estimate BatchNorm statistics from un-augmented training images (the first
+    ``num_batches * batch_size`` of a seed-0 permutation, so every row sees the same batches)."""
+    images, _ = load_split(data, "train", _dataset(model))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: num_batches * batch_size]
+    info = DATASETS[_dataset(model)]
+    batches = (normalize(images[i], info["mean"], info["std"]) for i in order.split(batch_size))
+    zoo.reestimate_bn(model, batches, num_batches)
+
+
+def _last_logged(metrics: Path, key: str) -> float | None:
+    """The last value of ``key`` in a Lightning CSV log (None if never logged)."""
+    if not metrics.is_file():
+        return None
+    values = [row[key] for row in csv.DictReader(metrics.open()) if row.get(key)]
+    return float(values[-1]) if values else None
+
+
+def measure(model, card: dict[str, Any], data: str | None, limit: int | None, bn_reest: bool) -> dict[str, Any]:
+    """Test top-1 of a loaded checkpoint (and after BN re-estimation), its card's val top-1 and epochs."""
+    result = {"top1": _test_top1(model, data, limit), "val_top1": card.get("val_top1"), "epochs": card.get("epochs")}
+    if bn_reest:
+        _reestimate_bn(model, data)
+        result["top1_bn_reest"] = _test_top1(model, data, limit)
+    return result
+
+
+def run_row(
+    row: Row, budget: str, out: Path, data: str | None, extra: list[str], tag: str | None = None, bn_reest: bool = False
+) -> dict[str, Any]:
     """Train one row (resuming if a previous run stopped) and measure its exported file on the test split."""
-    run_dir = out / row.key / budget
+    run_dir = out / row.key / (budget + (f"-{tag}" if tag else ""))
     run_dir.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "trainers", "fit"]
     args += [f"--config={p}" for p in preset_files(row, budget)]
@@ -144,38 +182,45 @@ def run_row(row: Row, budget: str, out: Path, data: str | None, extra: list[str]
         return {"status": "no exported checkpoint"}
     model = zoo.load_packed(exported[-1])
     card = json.loads(exported[-1].with_suffix(".json").read_text())
+    metrics = run_dir / "lightning_logs" / "run" / "metrics.csv"
+    oscillating = _last_logged(metrics, "train/oscillating_fraction")
     return {
         "status": "ok",
-        "top1": _test_top1(model, data, None),
-        "epochs": card.get("epochs"),
+        **measure(model, card, data, None, bn_reest),
+        **({"oscillating_pct": 100 * oscillating} if oscillating is not None else {}),
         "file": str(exported[-1]),
     }
 
 
-def from_zoo(row: Row, data: str | None, limit: int | None) -> dict[str, Any]:
+def from_zoo(row: Row, data: str | None, limit: int | None, bn_reest: bool = False) -> dict[str, Any]:
     try:
         model = zoo.load(row.zoo_name)
     except ValueError:
         return {"status": "no published checkpoint"}
     card = model.model_card
-    return {"status": "ok", "top1": _test_top1(model, data, limit), "epochs": card.get("epochs"), "file": card["file"]}
+    return {"status": "ok", **measure(model, card, data, limit, bn_reest), "file": card["file"]}
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
+OPTIONAL_COLUMNS = {"top1_bn_reest": "top-1 after BN re-est.", "oscillating_pct": "oscillating weights %"}
 
 
 def markdown(table: str, budget: str, results: list[dict[str, Any]]) -> str:
-    lines = [
-        f"### {table} ({budget})",
-        "",
-        "| row | zoo name | paper top-1 | measured top-1 | gap | val top-1 | epochs | status |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    """The results as a Markdown table; optional columns appear when some row has them."""
+    optional = [key for key in OPTIONAL_COLUMNS if any(key in r for r in results)]
+    header = ["row", "zoo name", "paper top-1", "test top-1", "gap", "val top-1"]
+    header += [OPTIONAL_COLUMNS[key] for key in optional] + ["epochs", "status"]
+    lines = [f"### {table} ({budget})", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        measured, paper, val = r.get("top1"), r.get("paper_top1"), r.get("val_top1")
+        measured, paper = r.get("top1"), r.get("paper_top1")
         gap = f"{measured - paper:+.2f}" if measured is not None and paper is not None else "-"
-        lines.append(
-            f"| {r['label']} | {r['zoo_name']} | {paper if paper is not None else '-'} | "
-            f"{f'{measured:.2f}' if measured is not None else '-'} | {gap} | "
-            f"{f'{val:.2f}' if val is not None else '-'} | {r.get('epochs') or '-'} | {r['status']} |"
-        )
+        cells = [r["label"], r["zoo_name"], paper if paper is not None else "-", _fmt(measured), gap]
+        cells += [_fmt(r.get("val_top1"))] + [_fmt(r.get(key)) for key in optional]
+        cells += [r.get("epochs") or "-", r["status"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -189,19 +234,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="CIFAR zip/folder/torchvision root (default: the usual places)")
     parser.add_argument("--limit", type=int, default=None, help="with --from-zoo: evaluate on the first N test images")
     parser.add_argument("--out", default="runs/reproduce", help="where runs and results go")
-    parser.add_argument("--rows", nargs="*", default=None, help="only these presets")
+    parser.add_argument("--rows", nargs="*", default=None, help="only these presets (or preset+ablation keys)")
+    parser.add_argument("--tag", default=None, help="name of a budget changed by overrides, e.g. 6ep-10k")
+    parser.add_argument("--bn-reest", action="store_true", help="also report test top-1 after BN re-estimation")
     args, extra = parser.parse_known_args(argv)
+    if extra and not args.tag and not args.from_zoo:
+        parser.error(f"overrides {extra} change the budget: name it with --tag so its runs stay apart")
     out = Path(args.out) / args.table
+    budget = ("zoo" if args.from_zoo else args.budget) + (f"-{args.tag}" if args.tag else "")
     results = []
     for row in TABLES[args.table]:
         if args.rows and row.key not in args.rows and row.preset not in args.rows:
             continue
-        result = (
-            from_zoo(row, args.data, args.limit) if args.from_zoo else run_row(row, args.budget, out, args.data, extra)
-        )
+        if args.from_zoo:
+            result = from_zoo(row, args.data, args.limit, args.bn_reest)
+        else:
+            result = run_row(row, args.budget, out, args.data, extra, args.tag, args.bn_reest)
         results.append({**asdict(row), "paper_top1": paper_number(row.preset), **result})
         print(f"{row.label}: {result}", flush=True)
-    budget = "zoo" if args.from_zoo else args.budget
     text = markdown(args.table, budget, results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.table}-{budget}.md").write_text(text + "\n")
