@@ -110,7 +110,7 @@ def paper_number(preset: str) -> float | None:
     config = yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text())
     for callback in config.get("trainer", {}).get("callbacks", []):
         card = callback.get("init_args", {}).get("card", {})
-        if "paper_top1" in card:
+        if card.get("paper_top1") is not None:
             return float(card["paper_top1"])
     return None
 
