@@ -63,15 +63,17 @@ def test_reproduce_smoke_row_and_from_zoo(tmp_path, tiny_zip, float_teacher):
             "reproduce", "dirnet-cifar10", "--budget", "smoke", "--rows", "resnet20_w1a1_dirnet",
             "--data", str(tiny_zip), "--out", str(out),
             f"--model.init_args.teacher={float_teacher}", f"--model.init_args.init_from={float_teacher}",
-            "--data.init_args.val_size=40", "--data.init_args.batch_size=16",
+            "--data.init_args.val_size=40", "--data.init_args.batch_size=16", "--tag", "tiny", "--bn-reest",
         ],
         cwd=tmp_path,
     )  # fmt: skip
-    results = json.loads((out / "dirnet-cifar10" / "dirnet-cifar10-smoke.json").read_text())
+    results = json.loads((out / "dirnet-cifar10" / "dirnet-cifar10-smoke-tiny.json").read_text())
     assert results[0]["status"] == "ok" and results[0]["paper_top1"] == 86.5 and results[0]["epochs"] == 1
-    assert 0 <= results[0]["top1"] <= 100
-    table = (out / "dirnet-cifar10" / "dirnet-cifar10-smoke.md").read_text()
-    assert "| ResNet-20 W1A1 | resnet20_w1a1 | 86.5 |" in table
+    assert 0 <= results[0]["top1"] <= 100 and 0 <= results[0]["top1_bn_reest"] <= 100
+    assert 0 <= results[0]["val_top1"] <= 100  # from the exported card
+    assert (out / "dirnet-cifar10" / "resnet20_w1a1_dirnet" / "smoke-tiny" / "fit.log").is_file()
+    table = (out / "dirnet-cifar10" / "dirnet-cifar10-smoke-tiny.md").read_text()
+    assert "| ResNet-20 W1A1 | resnet20_w1a1 | 86.5 |" in table and "top-1 after BN re-est." in table
     assert not list((REPO / "checkpoints").glob("*smoke*"))  # exports went to the run directory
 
     env = {"ZOO_CHECKPOINT_DIR": str(_published(tmp_path / "ckpts"))}

@@ -2,6 +2,7 @@
 
     import zoo
     model = zoo.load("resnet20_w1a1")          # pretrained, eval mode
+    fast = zoo.deploy(model)                   # XNOR-popcount inference on the CPU
     model = zoo.create_model("resnet18_w2a2")  # random init
     zoo.list_models("*w1a1*", pretrained=True)
 
@@ -20,6 +21,7 @@ from .convert import quantize
 from .layers import QConv2d, QLinear, RPReLU
 from .packing import CheckpointError, load_packed, save_packed
 from .registry import create_model, list_archs, list_models, load, model_card, parse_name
+from .xnor import deploy
 
 if "timm" in sys.modules:  # timm is already loaded: make zoo names timm names too
     from . import timm_models  # noqa: F401
@@ -31,6 +33,7 @@ __all__ = [
     "RPReLU",
     "__version__",
     "create_model",
+    "deploy",
     "list_archs",
     "list_models",
     "load",

@@ -126,8 +126,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .xnor.bench import benchmark
+
+    results = benchmark(
+        args.name, tuple(args.batch_sizes), tuple(args.threads), args.isa, not args.random, args.min_time
+    )
+    if args.json:
+        _atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     model, card, card_path = _load_any(args.name)
+    if args.deploy:
+        from .xnor import deploy
+
+        model = deploy(model)
+        print(f"deployed   {model.deploy_info}")
     dataset = card.get("dataset_key", "cifar100" if model.num_classes == 100 else "cifar10")
     images, labels = load_split(args.data, "test", dataset, download=args.download)
     if args.limit:
@@ -141,8 +157,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"top-5      {result['top5']:.2f}")
     print(f"file size  {_size(card.get('file_bytes'))}   (float state_dict: {_size(card.get('float_bytes'))})")
     if args.update_card:
-        if card_path is None or args.limit:
-            print("--update-card needs a .safetensors path and the full test split", file=sys.stderr)
+        if card_path is None or args.limit or args.deploy:
+            print("--update-card needs a .safetensors path, the full test split and no --deploy", file=sys.stderr)
             return 2
         card.update(
             {"top1": round(result["top1"], 2), "top5": round(result["top5"], 2), "test_images": result["images"]}
@@ -174,7 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--update-card", action="store_true", help="write the measured top-1 into the file's card")
+    p.add_argument("--deploy", action="store_true", help="evaluate zoo.deploy(model) (XNOR-popcount kernels)")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("bench", help="latency of zoo.deploy(NAME) vs the float network, per layer and end to end")
+    p.add_argument("name", help="a W1A1 zoo name, e.g. resnet18_w1a1")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--isa", default="auto", help="auto, avx512, avx2, popcnt or generic")
+    p.add_argument("--random", action="store_true", help="random weights (for names without a checkpoint)")
+    p.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per measurement")
+    p.add_argument("--json", default=None, help="also write the numbers to this file")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("reestimate-bn", help="re-estimate BatchNorm statistics and write a new packed checkpoint")
     p.add_argument("name", help="zoo name or packed .safetensors file")
     p.add_argument("--out", required=True, help="the new .safetensors file (its card is written beside it)")

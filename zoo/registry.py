@@ -252,14 +252,19 @@ def list_models(pattern: str | None = None, pretrained: bool | None = None) -> l
     return sorted(names)
 
 
-def load(name: str, map_location: str = "cpu") -> nn.Module:
+def load(name: str, map_location: str = "cpu", deploy: bool = False) -> nn.Module:
     """The pretrained model ``name`` in eval mode, loaded from its packed checkpoint.
 
-    The file's sha256 is checked against the model card.
+    The file's sha256 is checked against the model card. ``deploy=True`` returns
+    :func:`zoo.deploy`'s inference model (XNOR-popcount binary layers, CPU).
     """
     from .packing import load_packed
 
     card = resolve_card(name)
     model = load_packed(Path(card["_dir"]) / card["file"], sha256=card.get("sha256"), map_location=map_location)
+    if deploy:
+        from .xnor import deploy as to_deployed
+
+        model = to_deployed(model)
     model.model_card = model_card(card["name"])
     return model

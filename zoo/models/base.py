@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..layers import QConv2d, QLinear
@@ -97,6 +98,8 @@ class ZooModel(nn.Module):
         raise NotImplementedError
 
     def check_input(self, x: Tensor) -> None:
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing (e.g. BatchNorm folding in zoo.deploy)
+            return
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
