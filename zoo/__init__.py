@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 from . import models as _models  # noqa: F401  (registers the architectures)
 from .bn import reestimate_bn
 from .convert import quantize
+from .export import export_onnx
 from .layers import QConv2d, QLinear, RPReLU
 from .packing import CheckpointError, load_packed, save_packed
 from .registry import create_model, list_archs, list_models, load, model_card, parse_name
@@ -34,6 +35,7 @@ __all__ = [
     "__version__",
     "create_model",
     "deploy",
+    "export_onnx",
     "list_archs",
     "list_models",
     "load",

@@ -137,6 +137,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import ExportError, check_onnx, export_onnx
+
+    model, card, _ = _load_any(args.name)
+    out = Path(args.out or f"{card.get('name', Path(args.name).stem)}.onnx")
+    try:
+        export_onnx(model, out, opset=args.opset)
+        print(f"wrote {out} ({_size(out.stat().st_size)})")
+        if args.check:
+            shape = card.get("input_size", [3, 32, 32])
+            inputs = torch.randn(args.check, *shape, generator=torch.Generator().manual_seed(0))
+            result = check_onnx(model, out, inputs)
+            print(
+                f"onnxruntime vs PyTorch on {result['images']} random inputs: max |diff| {result['max_abs_diff']:.2e} "
+                f"(logits up to {result['max_abs_logit']:.2f}), top-1 agreement {100 * result['top1_agreement']:.1f}%"
+            )
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     model, card, card_path = _load_any(args.name)
     if args.deploy:
@@ -192,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--update-card", action="store_true", help="write the measured top-1 into the file's card")
     p.add_argument("--deploy", action="store_true", help="evaluate zoo.deploy(model) (XNOR-popcount kernels)")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("export", help="export a zoo model (fake-quantized) to ONNX, checked with onnxruntime")
+    p.add_argument("name", help="zoo name or packed .safetensors file")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", default=None, help="output file (default: <name>.onnx)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--check", type=int, default=16, help="compare with onnxruntime on N random inputs (0: skip)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("bench", help="latency of zoo.deploy(NAME) vs the float network, per layer and end to end")
     p.add_argument("name", help="a W1A1 zoo name, e.g. resnet18_w1a1")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])

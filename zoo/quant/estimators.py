@@ -188,7 +188,8 @@ class _SignFunction(torch.autograd.Function):
 
 def sign(x: Tensor, estimator: Estimator, channel_dim: int = 1) -> Tensor:
     """``sign(x)`` in {-1, +1} with the estimator's backward; ``sigma`` per ``channel_dim``."""
-    sigma = channel_std(x.detach(), channel_dim) if estimator.needs_sigma else None
+    needs_grad = torch.is_grad_enabled() and x.requires_grad  # sigma only serves the backward
+    sigma = channel_std(x.detach(), channel_dim) if estimator.needs_sigma and needs_grad else None
     return _SignFunction.apply(x, estimator, sigma)
 
 
