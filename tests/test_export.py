@@ -51,7 +51,7 @@ def test_clear_errors_for_what_cannot_be_exported(tmp_path):
     with pytest.raises(ExportError, match="never initialized"):
         export_onnx(model, tmp_path / "m.onnx")
     if zoo.xnor.kernels_available():
-        with pytest.raises(ExportError, match="export the model before zoo.deploy"):
+        with pytest.raises(ExportError, match=r"export the model before zoo\.deploy"):
             export_onnx(zoo.deploy(zoo.create_model("resnet20_w1a1")), tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
