@@ -84,6 +84,13 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_zoo
+
+    print(f"wrote {plot_zoo(_cards(), args.out)}")
+    return 0
+
+
 def _load_any(name: str):
     """A zoo name or a packed file -> (model, card, card path or None)."""
     if name.endswith(".safetensors"):
@@ -202,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("table", help="Markdown table of the published checkpoints, from their cards")
     p.add_argument("--write", metavar="README", help="replace the table block in this Markdown file")
     p.set_defaults(func=cmd_table)
+    p = sub.add_parser("plot", help="accuracy vs checkpoint size of the published checkpoints (PNG)")
+    p.add_argument("--out", default="docs/zoo.png")
+    p.set_defaults(func=cmd_plot)
     p = sub.add_parser("info", help="the model card of NAME")
     p.add_argument("name")
     p.set_defaults(func=cmd_info)

@@ -1,0 +1,60 @@
+"""Pictures: the zoo plot from model cards and training curves from a run's CSV log."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from zoo.__main__ import main as zoo_main
+from zoo.plot import plot_curves, plot_zoo, read_metrics
+
+pytest.importorskip("matplotlib", reason="plots need matplotlib (pip install -e '.[dev]')")
+PNG = b"\x89PNG\r\n\x1a\n"
+CARDS = [
+    {"name": "resnet20_fp.cifar10", "weight_bits": 32, "top1": 84.2, "paper_top1": 91.7, "file_bytes": 1_096_008},
+    {"name": "resnet20_w1a1.dirnet", "weight_bits": 1, "top1": 70.0, "paper_top1": None, "file_bytes": 73_776},
+    {"name": "not_measured", "weight_bits": 2, "top1": None, "file_bytes": 100_000},
+]
+
+
+def test_zoo_plot_writes_a_png(tmp_path):
+    out = plot_zoo(CARDS, tmp_path / "sub" / "zoo.png")
+    assert out.read_bytes().startswith(PNG) and out.stat().st_size > 10_000
+    assert [p.name for p in out.parent.iterdir()] == ["zoo.png"]  # no temporary file left
+    with pytest.raises(ValueError, match="no model card has both"):
+        plot_zoo(CARDS[2:], tmp_path / "empty.png")
+
+
+def test_zoo_plot_command_uses_the_published_cards(tmp_path):
+    assert zoo_main(["plot", "--out", str(tmp_path / "zoo.png")]) == 0
+    assert (tmp_path / "zoo.png").read_bytes().startswith(PNG)
+
+
+def _write_metrics(directory):
+    directory.mkdir(parents=True)
+    rows = ["epoch,step,train/loss,train/top1,lr-SGD,train/estimator_t,val/loss,val/top1"]
+    for step in range(1, 6):
+        rows.append(f"0,{step * 10},{2 - step / 10},{step / 10},0.1,{step},,")
+    rows.append("0,50,,,,,1.2,0.5")
+    (directory / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_training_curves_from_a_run_directory(tmp_path):
+    _write_metrics(tmp_path / "run" / "lightning_logs" / "version_0")
+    path, series = read_metrics(tmp_path / "run")
+    assert series["train/loss"][0] == (10, 1.9) and series["val/top1"] == [(50, 0.5)]
+    out = plot_curves(tmp_path / "run")
+    assert out == path.parent / "curves.png" and out.read_bytes().startswith(PNG)
+
+
+def test_trainers_plot_command_errors_clearly(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainers", "plot", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no metrics.csv under" in proc.stderr
+    _write_metrics(tmp_path / "run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainers", "plot", str(tmp_path / "run"), "--out", str(tmp_path / "c.png")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0 and (tmp_path / "c.png").read_bytes().startswith(PNG)
