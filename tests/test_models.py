@@ -139,3 +139,14 @@ def test_import_zoo_does_not_import_lightning():
     code = "import sys, zoo; zoo.create_model('resnet20_w1a1'); print('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_torchvision_models_by_name_are_quantized_with_zoo_quantize():
+    from zoo.convert import build_model
+
+    model = build_model("torchvision:resnet18", 10, weight_bits=2, act_bits=2)
+    assert isinstance(model.layer1[0].conv1, zoo.QConv2d) and model.layer1[0].conv1.weight_bits == 2
+    assert not isinstance(model.conv1, zoo.QConv2d) and model.fc.out_features == 10  # first/last stay real
+    assert not any(isinstance(m, zoo.QConv2d) for m in build_model("torchvision:resnet18", 10).modules())
+    with pytest.raises(ValueError, match="torchvision has no model 'resnet81'.*resnet18"):
+        build_model("torchvision:resnet81", 10)

@@ -209,6 +209,51 @@ def test_every_ablation_runs_fast_dev_run(ablation, tiny_zip, float_teachers, tm
     )
 
 
+def _image_folder(root: Path, classes: int = 2, per_class: int = 4) -> Path:
+    """A tiny ImageNet-style tree: train/ and val/ with ``classes`` folders of 72x72 JPEGs."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            (root / split / f"n{c:08d}").mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 255, (72, 72, 3), generator=gen, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / f"n{c:08d}" / f"{i}.JPEG")
+    return root
+
+
+IMAGENET = REPO / "trainers" / "presets" / "imagenet"
+IMAGENET_RUNS = [
+    ["resnet18_w4a4_joint.yaml"],
+    ["resnet18_w2a2_joint.yaml"],
+    ["mobilenet_v2_w4a4_lsq.yaml"],
+    ["mobilenet_v2_w4a4_lsq.yaml", "osc_dampen.yaml"],
+    ["mobilenet_v2_w4a4_lsq.yaml", "osc_freeze_w4a4.yaml"],
+    ["mobilenet_v2_w3a3_lsq.yaml", "osc_freeze_w3a3.yaml"],
+]
+
+
+def test_imagenet_presets_cover_the_folder():
+    assert {name for run in IMAGENET_RUNS for name in run} == {p.name for p in IMAGENET.glob("*.yaml")}
+
+
+@pytest.mark.parametrize("files", IMAGENET_RUNS, ids=lambda f: "+".join(Path(x).stem for x in f))
+def test_imagenet_presets_run_fast_dev_run(files, tmp_path, monkeypatch):
+    """The GPU recipes build their torchvision models and train two steps on a tiny folder
+    (no pretrained download: ``weights`` set to null)."""
+    import yaml
+
+    root = _image_folder(tmp_path / "imagenet")
+    init_args = yaml.safe_load((IMAGENET / files[0]).read_text())["model"]["init_args"]
+    no_download = {key: {**init_args[key], "weights": None} for key in ("model_kwargs", "guide_kwargs") if key in init_args}
+    (tmp_path / "offline.yaml").write_text(yaml.safe_dump({"model": {"init_args": no_download}}))
+    args = [f"--config={IMAGENET / f}" for f in files] + [f"--config={tmp_path / 'offline.yaml'}"]
+    data = [f"--data.init_args.root={root}", "--data.init_args.image_size=64", "--data.init_args.batch_size=4",
+            "--data.init_args.num_workers=0"]  # fmt: skip
+    _cli_in_process(["fit", *args, *data, "--trainer.fast_dev_run=2", "--trainer.accelerator=cpu"], tmp_path, monkeypatch)
+
+
 def test_print_config_round_trips(tmp_path):
     preset = REPO / "trainers" / "presets" / "resnet20_w1a1_dirnet.yaml"
     first = _run_cli(["fit", f"--config={preset}", "--model.init_args.lr=0.02", "--print_config"], cwd=tmp_path).stdout

@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 import zoo
 from zoo.bn import reestimate_bn
@@ -142,6 +142,10 @@ class ExportPacked(pl.Callback):
             },
         }
         models = pl_module.exportable_models()
+        skipped = [role or "model" for role, m in models.items() if getattr(m, "zoo_config", None) is None]
+        if skipped:  # e.g. torchvision models: their Lightning checkpoint is the result
+            rank_zero_warn(f"ExportPacked: {skipped} are not zoo models (no zoo_config); not exported")
+            models = {role: m for role, m in models.items() if getattr(m, "zoo_config", None) is not None}
         for role, path in self.paths(models).items():
             role_card = {**card, "role": role} if role else dict(card)
             stem, base = path.name.removesuffix(".safetensors"), models[role].zoo_config["name"]

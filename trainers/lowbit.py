@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-import zoo
 from distill import kd_loss
 from distill.losses import mse_logits
+from zoo.convert import build_model
 from zoo.layers import QUANTIZED_LAYERS
 
 from .module import init_model_from
@@ -187,6 +187,8 @@ class JointDistillation(pl.LightningModule):
     ``a_s CE + a_sl MSE(z_j, z_fp)``, guide ``a_t CE + a_tl mean_j MSE(z_fp, z_j)``
     (set ``a_s=0.3, a_sl=0.1, a_tl=0.1`` for the paper's weights). Validation
     reports every network; ``val/top1`` is the first student's (model selection).
+    Students and guide are zoo names or ``torchvision:<builder>`` (``model_kwargs`` /
+    ``guide_kwargs`` hold ``weight_bits``, ``act_bits``, ``weights``; see ``zoo.convert.build_model``).
     """
 
     def __init__(
@@ -199,6 +201,7 @@ class JointDistillation(pl.LightningModule):
         weight_quantizer: str | dict[str, Any] | None = None,
         act_quantizer: str | dict[str, Any] | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        guide_kwargs: dict[str, Any] | None = None,
         loss: str = "kl",
         a_s: float = 0.7,
         a_sl: float = 0.7,
@@ -226,10 +229,9 @@ class JointDistillation(pl.LightningModule):
         names = students or ["resnet20_w2a2"]
         kwargs = model_kwargs or {}
         self.students = nn.ModuleList(
-            zoo.create_model(n, num_classes, weight_quantizer=weight_quantizer, act_quantizer=act_quantizer, **kwargs)
-            for n in names
+            build_model(n, num_classes, weight_quantizer, act_quantizer, **kwargs) for n in names
         )
-        self.guide = zoo.create_model(guide, num_classes)
+        self.guide = build_model(guide, num_classes, **(guide_kwargs or {}))
         if guide_init:
             init_model_from(self.guide, guide_init)
         if student_init:

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import zoo
 from distill import FeatureHooks, kd_loss, rbd_loss
+from zoo.convert import build_model
 from zoo.packing import load_packed
 from zoo.quant.estimators import use_compiled_kernels
 
@@ -53,7 +54,9 @@ class ZooClassifier(pl.LightningModule):
     """Train a zoo model by name with cross-entropy plus optional distillation.
 
     Args:
-        model: zoo name, e.g. ``resnet20_w1a1`` (random init, see ``init_from``).
+        model: zoo name, e.g. ``resnet20_w1a1`` (random init, see ``init_from``), or
+            ``torchvision:<builder>`` quantized with ``zoo.quantize`` (``model_kwargs``:
+            ``weight_bits``, ``act_bits``, ``weights`` for torchvision's pretrained weights).
         num_classes: linked from the data module by the CLI.
         weight_quantizer / act_quantizer: quantizer specs overriding the
             defaults (e.g. ``xnor``, ``{"name": "sign", "estimator": "ede"}``).
@@ -105,13 +108,7 @@ class ZooClassifier(pl.LightningModule):
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         self.lr_restarts: list[float] = []  # set by ProgressiveQuantization: one LR cycle per stage
         Schedule(scheduler)  # validates the name
-        self.model = zoo.create_model(
-            model,
-            num_classes=num_classes,
-            weight_quantizer=weight_quantizer,
-            act_quantizer=act_quantizer,
-            **(model_kwargs or {}),
-        )
+        self.model = build_model(model, num_classes, weight_quantizer, act_quantizer, **(model_kwargs or {}))
         if init_from:
             init_model_from(self.model, init_from)
         self.teacher: nn.Module | None = None

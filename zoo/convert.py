@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from difflib import get_close_matches
+
 from torch import nn
 
 from .layers import QConv2d, QLinear
@@ -52,3 +54,47 @@ def quantize(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
     return model
+
+
+def torchvision_model(
+    builder: str,
+    num_classes: int = 1000,
+    weight_bits: int = 32,
+    act_bits: int = 32,
+    weight: QuantizerSpec = None,
+    act: QuantizerSpec = None,
+    weights: str | None = None,
+    keep_first_last: bool = True,
+) -> nn.Module:
+    """``torchvision.models.<builder>(weights=weights)`` passed through :func:`quantize` unless both
+    bit-widths are 32 (e.g. ``torchvision_model("mobilenet_v2", weight_bits=4, act_bits=4,
+    weights="IMAGENET1K_V2")``); torchvision downloads pretrained weights on first use."""
+    import torchvision
+
+    if builder not in torchvision.models.list_models():
+        close = get_close_matches(builder, torchvision.models.list_models(), n=3)
+        raise ValueError(f"torchvision has no model {builder!r}; close: {close}")
+    model = torchvision.models.get_model(builder, weights=weights, **({} if weights else {"num_classes": num_classes}))
+    if weights and num_classes != 1000:
+        raise ValueError(f"pretrained torchvision weights have 1000 classes, got num_classes={num_classes}")
+    if weight_bits == 32 and act_bits == 32:
+        return model
+    return quantize(model, weight_bits, act_bits, weight, act, keep_first_last)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    weight_quantizer: QuantizerSpec = None,
+    act_quantizer: QuantizerSpec = None,
+    **kwargs,
+) -> nn.Module:
+    """A zoo name (``resnet20_w1a1``, :func:`zoo.create_model`) or ``torchvision:<builder>``
+    (:func:`torchvision_model`; ``kwargs`` give ``weight_bits``, ``act_bits``, ``weights``)."""
+    if name.startswith("torchvision:"):
+        return torchvision_model(
+            name.removeprefix("torchvision:"), num_classes, weight=weight_quantizer, act=act_quantizer, **kwargs
+        )
+    from .registry import create_model
+
+    return create_model(name, num_classes, weight_quantizer=weight_quantizer, act_quantizer=act_quantizer, **kwargs)
