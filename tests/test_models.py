@@ -148,5 +148,5 @@ def test_torchvision_models_by_name_are_quantized_with_zoo_quantize():
     assert isinstance(model.layer1[0].conv1, zoo.QConv2d) and model.layer1[0].conv1.weight_bits == 2
     assert not isinstance(model.conv1, zoo.QConv2d) and model.fc.out_features == 10  # first/last stay real
     assert not any(isinstance(m, zoo.QConv2d) for m in build_model("torchvision:resnet18", 10).modules())
-    with pytest.raises(ValueError, match="torchvision has no model 'resnet81'.*resnet18"):
+    with pytest.raises(ValueError, match=r"torchvision has no model 'resnet81'.*resnet18"):
         build_model("torchvision:resnet81", 10)

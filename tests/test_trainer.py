@@ -246,12 +246,14 @@ def test_imagenet_presets_run_fast_dev_run(files, tmp_path, monkeypatch):
 
     root = _image_folder(tmp_path / "imagenet")
     init_args = yaml.safe_load((IMAGENET / files[0]).read_text())["model"]["init_args"]
-    no_download = {key: {**init_args[key], "weights": None} for key in ("model_kwargs", "guide_kwargs") if key in init_args}
+    kwargs = [key for key in ("model_kwargs", "guide_kwargs") if key in init_args]
+    no_download = {key: {**init_args[key], "weights": None} for key in kwargs}
     (tmp_path / "offline.yaml").write_text(yaml.safe_dump({"model": {"init_args": no_download}}))
     args = [f"--config={IMAGENET / f}" for f in files] + [f"--config={tmp_path / 'offline.yaml'}"]
     data = [f"--data.init_args.root={root}", "--data.init_args.image_size=64", "--data.init_args.batch_size=4",
             "--data.init_args.num_workers=0"]  # fmt: skip
-    _cli_in_process(["fit", *args, *data, "--trainer.fast_dev_run=2", "--trainer.accelerator=cpu"], tmp_path, monkeypatch)
+    run = ["fit", *args, *data, "--trainer.fast_dev_run=2", "--trainer.accelerator=cpu"]
+    _cli_in_process(run, tmp_path, monkeypatch)
 
 
 def test_print_config_round_trips(tmp_path):
