@@ -12,6 +12,8 @@ import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "xnor.cpp"
 ISAS = {"auto": 0, "generic": 1, "popcnt": 2, "avx2": 3, "avx512": 4}
+CFLAGS = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP inside the ATen header
+LDFLAGS = ["-fopenmp"]
 
 
 class KernelBuildError(RuntimeError):
@@ -25,8 +27,8 @@ def isa_code(isa: str) -> int:
 
 
 def build_directory() -> Path:
-    """``$ZOO_CACHE/ext/<source hash>-torch<version>`` (``~/.cache/zoo`` by default)."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    """``$ZOO_CACHE/ext/<hash of source and flags>-torch<version>`` (``~/.cache/zoo`` by default)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:16]
     root = Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "zoo"))
     return root / "ext" / f"{digest}-torch{torch.__version__.replace('+', '_')}"
 
@@ -50,7 +52,8 @@ def kernels():
         cpp_extension.load(
             name="zoo_xnor",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3"],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,
