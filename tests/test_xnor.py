@@ -178,3 +178,17 @@ def test_bench_command_reports_layers_and_end_to_end(tmp_path, capsys):
     assert len(run["layers"]) == 18 and run["deployed_ms"] > 0 and run["float_ms"] > 0
     assert results["weight_bytes"]["deployed"] < results["weight_bytes"]["float"]
     assert "end to end" in capsys.readouterr().out
+
+
+def test_threads_give_identical_results():
+    conv = zoo.QConv2d(96, 40, 3, 2, 1, weight_quantizer=IMBWeight(), input_quantizer=Sign())
+    layer = BinaryConv2d(conv)
+    x = torch.randn(3, 96, 11, 11)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = layer(x)
+        torch.set_num_threads(2)
+        assert torch.equal(layer(x), one)
+    finally:
+        torch.set_num_threads(threads)
