@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import make_image_zip
+from tests.conftest import CLASSES, make_image_zip
 from trainers.data import CIFARDataModule, cutout, random_crop_flip
 from zoo.data import DatasetNotFoundError, find_dataset, load_split
 
@@ -67,6 +67,33 @@ def test_zip_and_folder_give_the_same_tensors(tmp_path, tiny_zip):
     assert zip_labels.bincount().tolist() == [16] * 10
     nested = make_image_zip(tmp_path / "nested.zip", 2, 1, prefix="cifar10/")  # a tree inside a top folder
     assert load_split(nested, "test")[0].shape[0] == 10
+
+
+def test_torchvision_format_is_read_in_its_own_layout(tmp_path, monkeypatch):
+    """torchvision's cifar-10-batches-py pickles (rows of 3072 bytes: R plane, G plane, B plane)."""
+    import pickle
+
+    import numpy as np
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {name: (rng.integers(0, 256, (4, 3072), dtype=np.uint8), [i % 10 for i in range(4)])
+               for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}  # fmt: skip
+    for name, (data, labels) in batches.items():
+        (folder / name).write_bytes(pickle.dumps({"data": data, "labels": labels}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": CLASSES}))
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)  # the real files' md5s are fixed
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+    assert find_dataset(tmp_path).kind == "torchvision"
+    images, labels = load_split(tmp_path, "test")
+    data, expected = batches["test_batch"]
+    assert images.shape == (4, 3, 32, 32) and labels.tolist() == expected
+    assert torch.equal(images[1, 2], torch.from_numpy(data[1, 2048:].reshape(32, 32)))  # blue plane of image 1
+    assert load_split(tmp_path, "train")[0].shape[0] == 20
 
 
 def test_missing_data_says_where_it_looked_and_how_to_fix(tmp_path):
