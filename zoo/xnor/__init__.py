@@ -59,6 +59,14 @@ def pack_weight_bits(signs: Tensor) -> tuple[Tensor, Tensor]:
     return bits.reshape(out_channels, kh * kw * words), corr
 
 
+def lane_layout(bits: Tensor) -> Tensor:
+    """``[O, K]`` weight words -> ``[ceil(O/8), K, 8]``: eight outputs side by side for SIMD lanes
+    (outputs padded with zero words)."""
+    out_channels, k = bits.shape
+    padded = nn.functional.pad(bits, (0, 0, 0, (-out_channels) % 8))
+    return padded.view(-1, 8, k).transpose(1, 2).contiguous()
+
+
 def _fold(scale: Tensor, bias: Tensor | None, bn: _BatchNorm | None) -> tuple[Tensor, Tensor]:
     """Per-channel ``(s, b)`` of ``bn(scale * z + bias)`` = ``s * z + b`` (eval-mode BN)."""
     scale = scale.detach().reshape(-1).float()
@@ -95,7 +103,7 @@ class BinaryConv2d(nn.Module):
         self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
         self.isa, self._isa = isa, isa_code(isa)
         self.folded_bn = bn is not None
-        self.register_buffer("weight_bits", bits)
+        self.register_buffer("weight_lanes", lane_layout(bits))
         self.register_buffer("corr", corr)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
@@ -107,7 +115,7 @@ class BinaryConv2d(nn.Module):
         ops = kernels()
         out = ops.binary_conv2d(
             ops.pack_signs(x.float(), self.threshold),
-            self.weight_bits,
+            self.weight_lanes,
             self.corr,
             self.in_channels,
             *self.kernel_size,
@@ -138,7 +146,7 @@ class BinaryLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.isa, self._isa = isa, isa_code(isa)
         self.folded_bn = bn is not None
-        self.register_buffer("weight_bits", bits)
+        self.register_buffer("weight_lanes", lane_layout(bits))
         self.register_buffer("corr", corr)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
@@ -151,7 +159,14 @@ class BinaryLinear(nn.Module):
         bits = ops.pack_signs(x.float()[:, :, None, None], self.threshold)
         one_by_one = (1, 1, 1, 1, 0, 0, 1, 1)  # kernel, stride, padding, dilation
         out = ops.binary_conv2d(
-            bits, self.weight_bits, self.corr, self.in_features, *one_by_one, self.scale, self.bias, self._isa
+            bits,
+            self.weight_lanes,
+            self.corr,
+            self.in_features,
+            *one_by_one,
+            self.scale,
+            self.bias,
+            self._isa,
         )
         return out.view(x.shape[0], self.out_features)
 

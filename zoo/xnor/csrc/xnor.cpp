@@ -3,8 +3,9 @@
 // Bit convention: bit 1 = -1, bit 0 = +1, so for +-1 vectors a, w of length K
 //   a . w = K - 2 * popcount(a XOR w).
 // Activations are packed per pixel along channels (NHWC, ceil(C/64) words per
-// pixel, unused high bits 0); weights as [O, KH*KW*Cw] words in the same tap
-// order. Zero padding (border taps contribute 0, the semantics of F.conv2d on a
+// pixel, unused high bits 0); weights as K = KH*KW*Cw words per output in the
+// same tap order, stored eight outputs side by side ([ceil(O/8), K, 8]) so that
+// SIMD lanes hold different outputs. Zero padding (border taps contribute 0, the semantics of F.conv2d on a
 // signed input) is handled by reading all-zero words (+1 values) for taps
 // outside the image and subtracting that tap's contribution
 //   corr[o, tap] = C - 2 * popcount(w[o, tap])
@@ -115,55 +116,97 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) uint64_t xor_popcount_avx512(
 #endif
 
 // ---- counts[o] = popcount(row XOR w[o]) for all outputs of one pixel ----
+// Weights come as ``lanes`` [ceil(O/8), K, 8]: eight outputs side by side, so each activation word is
+// compared with eight outputs' words at once and no horizontal sums are needed (what makes short rows,
+// e.g. 64 channels, fast). ``counts`` has room for ceil(O/8) * 8 entries.
 
-void pixel_counts_generic(const uint64_t* row, const uint64_t* w, int64_t outputs, int64_t k, int64_t* counts) {
-  for (int64_t o = 0; o < outputs; ++o) counts[o] = xor_popcount_generic(row, w + o * k, k);
+void pixel_counts_generic(const uint64_t* row, const uint64_t* lanes, int64_t outputs, int64_t k, int64_t* counts) {
+  const int64_t blocks = (outputs + 7) / 8;
+  for (int64_t b = 0; b < blocks; ++b) {
+    int64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const uint64_t* w = lanes + b * k * 8;
+    for (int64_t i = 0; i < k; ++i) {
+      for (int j = 0; j < 8; ++j) acc[j] += static_cast<int64_t>(xor_popcount_generic(row + i, w + i * 8 + j, 1));
+    }
+    std::copy_n(acc, 8, counts + b * 8);
+  }
 }
 
 #if ZOO_X86
-__attribute__((target("popcnt"))) void pixel_counts_popcnt(const uint64_t* row, const uint64_t* w, int64_t outputs,
-                                                           int64_t k, int64_t* counts) {
-  for (int64_t o = 0; o < outputs; ++o) counts[o] = xor_popcount_popcnt(row, w + o * k, k);
+__attribute__((target("popcnt"))) void pixel_counts_popcnt(const uint64_t* row, const uint64_t* lanes,
+                                                           int64_t outputs, int64_t k, int64_t* counts) {
+  const int64_t blocks = (outputs + 7) / 8;
+  for (int64_t b = 0; b < blocks; ++b) {
+    int64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const uint64_t* w = lanes + b * k * 8;
+    for (int64_t i = 0; i < k; ++i) {
+      for (int j = 0; j < 8; ++j) acc[j] += static_cast<int64_t>(_mm_popcnt_u64(row[i] ^ w[i * 8 + j]));
+    }
+    std::copy_n(acc, 8, counts + b * 8);
+  }
 }
 
-__attribute__((target("avx2,popcnt"))) void pixel_counts_avx2(const uint64_t* row, const uint64_t* w, int64_t outputs,
-                                                              int64_t k, int64_t* counts) {
-  for (int64_t o = 0; o < outputs; ++o) counts[o] = xor_popcount_avx2(row, w + o * k, k);
+// Per-64-bit-lane popcount of a 256-bit vector (nibble lookup, Mula et al. 2018).
+__attribute__((target("avx2"))) inline __m256i popcount_lanes_avx2(__m256i v) {
+  const __m256i lookup = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
+                                          2, 3, 2, 3, 3, 4);
+  const __m256i low_mask = _mm256_set1_epi8(0x0f);
+  const __m256i lo = _mm256_shuffle_epi8(lookup, _mm256_and_si256(v, low_mask));
+  const __m256i hi = _mm256_shuffle_epi8(lookup, _mm256_and_si256(_mm256_srli_epi16(v, 4), low_mask));
+  return _mm256_sad_epu8(_mm256_add_epi8(lo, hi), _mm256_setzero_si256());
 }
 
-// Four outputs at a time share each load of the activation row.
-__attribute__((target("avx512f,avx512vpopcntdq"))) void pixel_counts_avx512(const uint64_t* row, const uint64_t* w,
+__attribute__((target("avx2,popcnt"))) void pixel_counts_avx2(const uint64_t* row, const uint64_t* lanes,
+                                                              int64_t outputs, int64_t k, int64_t* counts) {
+  const int64_t blocks = (outputs + 7) / 8;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint64_t* w = lanes + b * k * 8;
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0;
+    for (int64_t i = 0; i < k; ++i) {
+      const __m256i a = _mm256_set1_epi64x(static_cast<long long>(row[i]));
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * 8));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * 8 + 4));
+      acc0 = _mm256_add_epi64(acc0, popcount_lanes_avx2(_mm256_xor_si256(a, w0)));
+      acc1 = _mm256_add_epi64(acc1, popcount_lanes_avx2(_mm256_xor_si256(a, w1)));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(counts + b * 8), acc0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(counts + b * 8 + 4), acc1);
+  }
+}
+
+// Four blocks of eight outputs share each broadcast activation word.
+__attribute__((target("avx512f,avx512vpopcntdq"))) void pixel_counts_avx512(const uint64_t* row, const uint64_t* lanes,
                                                                             int64_t outputs, int64_t k,
                                                                             int64_t* counts) {
-  const __mmask8 tail = static_cast<__mmask8>((1u << (k % 8)) - 1);
-  int64_t o = 0;
-  for (; o + 4 <= outputs; o += 4) {
-    const uint64_t* w0 = w + o * k;
+  const int64_t blocks = (outputs + 7) / 8, stride = k * 8;
+  int64_t b = 0;
+  for (; b + 4 <= blocks; b += 4) {
+    const uint64_t* w0 = lanes + b * stride;
     __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-    int64_t i = 0;
-    for (; i + 8 <= k; i += 8) {
-      const __m512i a = _mm512_loadu_si512(row + i);
-      acc0 = _mm512_add_epi64(acc0, _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(w0 + i))));
-      acc1 = _mm512_add_epi64(acc1, _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(w0 + k + i))));
-      acc2 = _mm512_add_epi64(acc2, _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(w0 + 2 * k + i))));
-      acc3 = _mm512_add_epi64(acc3, _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(w0 + 3 * k + i))));
-    }
-    if (i < k) {
-      const __m512i a = _mm512_maskz_loadu_epi64(tail, row + i);
-      acc0 = _mm512_add_epi64(acc0, _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_maskz_loadu_epi64(tail, w0 + i))));
-      acc1 = _mm512_add_epi64(
-          acc1, _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_maskz_loadu_epi64(tail, w0 + k + i))));
+    for (int64_t i = 0; i < k; ++i) {
+      const __m512i a = _mm512_set1_epi64(static_cast<long long>(row[i]));
+      acc0 = _mm512_add_epi64(acc0, _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(w0 + i * 8))));
+      acc1 = _mm512_add_epi64(acc1,
+                              _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(w0 + stride + i * 8))));
       acc2 = _mm512_add_epi64(
-          acc2, _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_maskz_loadu_epi64(tail, w0 + 2 * k + i))));
+          acc2, _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(w0 + 2 * stride + i * 8))));
       acc3 = _mm512_add_epi64(
-          acc3, _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_maskz_loadu_epi64(tail, w0 + 3 * k + i))));
+          acc3, _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(w0 + 3 * stride + i * 8))));
     }
-    counts[o] = _mm512_reduce_add_epi64(acc0);
-    counts[o + 1] = _mm512_reduce_add_epi64(acc1);
-    counts[o + 2] = _mm512_reduce_add_epi64(acc2);
-    counts[o + 3] = _mm512_reduce_add_epi64(acc3);
+    _mm512_storeu_si512(counts + b * 8, acc0);
+    _mm512_storeu_si512(counts + (b + 1) * 8, acc1);
+    _mm512_storeu_si512(counts + (b + 2) * 8, acc2);
+    _mm512_storeu_si512(counts + (b + 3) * 8, acc3);
   }
-  for (; o < outputs; ++o) counts[o] = xor_popcount_avx512(row, w + o * k, k);
+  for (; b < blocks; ++b) {
+    const uint64_t* w0 = lanes + b * stride;
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t i = 0; i < k; ++i) {
+      const __m512i a = _mm512_set1_epi64(static_cast<long long>(row[i]));
+      acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(a, _mm512_loadu_si512(w0 + i * 8))));
+    }
+    _mm512_storeu_si512(counts + b * 8, acc);
+  }
 }
 #endif
 
@@ -238,26 +281,28 @@ at::Tensor pack_signs(const at::Tensor& x, const at::Tensor& threshold) {
 
 // out[n, oh, ow, o] = scale[o] * dot(n, oh, ow, o) + bias[o], with the exact integer dot product of the
 // +-1 input (zero-padded) and the +-1 weights. Returns a float [N, OH, OW, O] tensor.
-at::Tensor binary_conv2d(const at::Tensor& x_bits, const at::Tensor& w_bits, const at::Tensor& corr, int64_t channels,
+at::Tensor binary_conv2d(const at::Tensor& x_bits, const at::Tensor& w_lanes, const at::Tensor& corr, int64_t channels,
                          int64_t kh, int64_t kw, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
                          int64_t dil_h, int64_t dil_w, const at::Tensor& scale, const at::Tensor& bias, int64_t isa) {
   TORCH_CHECK(x_bits.dim() == 4 && x_bits.scalar_type() == at::kLong, "binary_conv2d: x_bits must be int64 [N,H,W,Cw]");
   const int64_t n = x_bits.size(0), h = x_bits.size(1), w = x_bits.size(2), cw = x_bits.size(3);
-  const int64_t o_count = w_bits.size(0), taps = kh * kw, k_words = taps * cw;
+  const int64_t o_count = corr.size(0), taps = kh * kw, k_words = taps * cw;
   TORCH_CHECK(cw == (channels + 63) / 64, "binary_conv2d: input has ", cw, " words per pixel, expected ",
               (channels + 63) / 64, " for ", channels, " channels");
-  TORCH_CHECK(w_bits.dim() == 2 && w_bits.size(1) == k_words, "binary_conv2d: weights must be [O, KH*KW*Cw]");
+  TORCH_CHECK(w_lanes.sizes() == at::IntArrayRef({(o_count + 7) / 8, k_words, 8}) && w_lanes.scalar_type() == at::kLong,
+              "binary_conv2d: w_lanes must be int64 [ceil(O/8), KH*KW*Cw, 8]");
   TORCH_CHECK(corr.sizes() == at::IntArrayRef({o_count, taps}), "binary_conv2d: corr must be [O, KH*KW]");
   const int64_t oh = (h + 2 * pad_h - dil_h * (kh - 1) - 1) / stride_h + 1;
   const int64_t ow = (w + 2 * pad_w - dil_w * (kw - 1) - 1) / stride_w + 1;
   TORCH_CHECK(oh > 0 && ow > 0, "binary_conv2d: input ", h, "x", w, " is too small for the kernel");
   const PixelCounts pixel_counts = select_pixel_kernel(isa);
 
-  at::Tensor xb = x_bits.contiguous(), wb = w_bits.contiguous(), cr = corr.to(at::kInt).contiguous();
+  at::Tensor xb = x_bits.contiguous(), wl = w_lanes.contiguous();
+  at::Tensor cr = corr.to(at::kInt).contiguous();
   at::Tensor sc = scale.to(at::kFloat).contiguous(), bi = bias.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({n, oh, ow, o_count}, scale.options().dtype(at::kFloat));
   const uint64_t* xp = reinterpret_cast<const uint64_t*>(xb.data_ptr<int64_t>());
-  const uint64_t* wp = reinterpret_cast<const uint64_t*>(wb.data_ptr<int64_t>());
+  const uint64_t* lp = reinterpret_cast<const uint64_t*>(wl.data_ptr<int64_t>());
   const int32_t* cp = cr.data_ptr<int32_t>();
   const float* sp = sc.data_ptr<float>();
   const float* bp = bi.data_ptr<float>();
@@ -266,7 +311,7 @@ at::Tensor binary_conv2d(const at::Tensor& x_bits, const at::Tensor& w_bits, con
 
   at::parallel_for(0, n * oh * ow, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> row(k_words);
-    std::vector<int64_t> counts(o_count);
+    std::vector<int64_t> counts((o_count + 7) / 8 * 8);
     std::vector<int64_t> missing;
     missing.reserve(taps);
     for (int64_t p = begin; p < end; ++p) {
@@ -284,12 +329,17 @@ at::Tensor binary_conv2d(const at::Tensor& x_bits, const at::Tensor& w_bits, con
           }
         }
       }
-      pixel_counts(row.data(), wp, o_count, k_words, counts.data());
+      pixel_counts(row.data(), lp, o_count, k_words, counts.data());
       float* dst = op + p * o_count;
-      for (int64_t o = 0; o < o_count; ++o) {
-        int64_t dot = full - 2 * counts[o];
-        for (int64_t tap : missing) dot -= cp[o * taps + tap];
-        dst[o] = sp[o] * static_cast<float>(dot) + bp[o];
+      const int64_t* c = counts.data();
+      if (missing.empty()) {  // interior pixel: a loop the compiler vectorizes
+        for (int64_t o = 0; o < o_count; ++o) dst[o] = sp[o] * static_cast<float>(full - 2 * c[o]) + bp[o];
+      } else {
+        for (int64_t o = 0; o < o_count; ++o) {
+          int64_t dot = full - 2 * c[o];
+          for (int64_t tap : missing) dot -= cp[o * taps + tap];
+          dst[o] = sp[o] * static_cast<float>(dot) + bp[o];
+        }
       }
     }
   });
@@ -311,7 +361,7 @@ bool supported(int64_t isa) { return isa_supported(isa); }
 TORCH_LIBRARY(zoo_xnor, m) {
   m.def("pack_signs(Tensor x, Tensor threshold) -> Tensor", &pack_signs);
   m.def(
-      "binary_conv2d(Tensor x_bits, Tensor w_bits, Tensor corr, int channels, int kh, int kw, int stride_h, "
+      "binary_conv2d(Tensor x_bits, Tensor w_lanes, Tensor corr, int channels, int kh, int kw, int stride_h, "
       "int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, Tensor scale, Tensor bias, int isa) -> Tensor",
       &binary_conv2d);
   m.def("xor_popcount(Tensor a, Tensor b, int isa) -> int", &xor_popcount_count);
