@@ -77,10 +77,15 @@ def test_reproduce_smoke_row_and_from_zoo(tmp_path, tiny_zip, float_teacher):
     assert not list((REPO / "checkpoints").glob("*smoke*"))  # exports went to the run directory
 
     env = {"ZOO_CHECKPOINT_DIR": str(_published(tmp_path / "ckpts"))}
-    printed = _run_cli(
-        ["reproduce", "dirnet-cifar10", "--from-zoo", "--data", str(tiny_zip), "--out", str(out)], cwd=tmp_path, env=env
-    ).stdout
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- measured:start -->\n<!-- measured:end -->\ntail\n")
+    args = ["reproduce", "dirnet-cifar10", "--from-zoo", "--data", str(tiny_zip), "--out", str(out)]
+    for _ in range(2):  # the second run replaces the block the first one wrote
+        printed = _run_cli([*args, "--write", str(readme)], cwd=tmp_path, env=env).stdout
     assert "| ResNet-20 W1A1 | resnet20_w1a1 | 86.5 |" in printed and "no published checkpoint" in printed
+    text = readme.read_text()
+    assert text.count("<!-- dirnet-cifar10-zoo:start -->") == 1 and text.endswith("<!-- measured:end -->\ntail\n")
+    assert "| ResNet-20 W1A1 | resnet20_w1a1 | 86.5 |" in text and "published checkpoints" in text
 
 
 def test_python_m_zoo_runs_as_a_module():

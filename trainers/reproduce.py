@@ -28,6 +28,7 @@ import yaml
 
 import zoo
 from zoo.data import DATASETS, evaluate, load_split, normalize
+from zoo.packing import _atomic_write
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -208,20 +209,40 @@ def _fmt(value: float | None) -> str:
 OPTIONAL_COLUMNS = {"top1_bn_reest": "top-1 after BN re-est.", "oscillating_pct": "oscillating weights %"}
 
 
-def markdown(table: str, budget: str, results: list[dict[str, Any]]) -> str:
-    """The results as a Markdown table; optional columns appear when some row has them."""
+def markdown(table: str, budget: str, results: list[dict[str, Any]], note: str = "") -> str:
+    """The results as a Markdown table; optional columns appear when some row has them, the zoo
+    name and status columns only when they say something."""
     optional = [key for key in OPTIONAL_COLUMNS if any(key in r for r in results)]
-    header = ["row", "zoo name", "paper top-1", "test top-1", "gap", "val top-1"]
-    header += [OPTIONAL_COLUMNS[key] for key in optional] + ["epochs", "status"]
-    lines = [f"### {table} ({budget})", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    show_name = any(r["zoo_name"] != "-" for r in results)
+    show_status = any(r["status"] != "ok" for r in results)
+    header = ["row"] + ["zoo name"] * show_name + ["paper top-1", "test top-1", "gap", "val top-1"]
+    header += [OPTIONAL_COLUMNS[key] for key in optional] + ["epochs"] + ["status"] * show_status
+    lines = [f"### {table} ({budget})", ""] + ([note, ""] if note else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         measured, paper = r.get("top1"), r.get("paper_top1")
         gap = f"{measured - paper:+.2f}" if measured is not None and paper is not None else "-"
-        cells = [r["label"], r["zoo_name"], paper if paper is not None else "-", _fmt(measured), gap]
+        cells = [r["label"]] + [r["zoo_name"]] * show_name + [paper if paper is not None else "-", _fmt(measured), gap]
         cells += [_fmt(r.get("val_top1"))] + [_fmt(r.get(key)) for key in optional]
-        cells += [r.get("epochs") or "-", r["status"]]
+        cells += [r.get("epochs") or "-"] + [r["status"]] * show_status
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def write_block(path: Path, key: str, text: str) -> None:
+    """Put ``text`` between ``<!-- KEY:start -->`` and ``<!-- KEY:end -->`` in a Markdown file; a new
+    block goes before ``<!-- measured:end -->``."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    content = path.read_text()
+    block = f"{start}\n{text}\n{end}"
+    if start in content and end in content:
+        head, rest = content.split(start, 1)
+        content = head + block + rest.split(end, 1)[1]
+    elif "<!-- measured:end -->" in content:
+        content = content.replace("<!-- measured:end -->", f"{block}\n\n<!-- measured:end -->")
+    else:
+        raise ValueError(f"{path} has neither a {start} ... {end} block nor a <!-- measured:end --> marker")
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(content))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="*", default=None, help="only these presets (or preset+ablation keys)")
     parser.add_argument("--tag", default=None, help="name of a budget changed by overrides, e.g. 6ep-10k")
     parser.add_argument("--bn-reest", action="store_true", help="also report test top-1 after BN re-estimation")
+    parser.add_argument("--write", nargs="*", default=[], metavar="MD", help="also put the table into these files")
     args, extra = parser.parse_known_args(argv)
     out = Path(args.out) / args.table
     budget = ("zoo" if args.from_zoo else args.budget) + (f"-{args.tag}" if args.tag else "")
@@ -250,7 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             result = run_row(row, args.budget, out, args.data, extra, args.tag, args.bn_reest)
         results.append({**asdict(row), "paper_top1": paper_number(row.preset), **result})
         print(f"{row.label}: {result}", flush=True)
-    text = markdown(args.table, budget, results)
+    overrides = f" + `{' '.join(extra)}`" if extra else ""
+    how = "published checkpoints" if args.from_zoo else f"`{args.budget}` presets{overrides}"
+    note = f"Measured by `python -m trainers reproduce {args.table}` ({how}); CIFAR-10 JPEG copy, test split."
+    text = markdown(args.table, budget, results, note)
+    for path in args.write:
+        write_block(Path(path), f"{args.table}-{budget}", text)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.table}-{budget}.md").write_text(text + "\n")
     (out / f"{args.table}-{budget}.json").write_text(json.dumps(results, indent=2) + "\n")
