@@ -85,48 +85,50 @@ def _input_threshold(layer: QConv2d | QLinear) -> Tensor:
     return q.threshold.detach().float() if isinstance(q, RSign) else torch.empty(0)
 
 
-class BinaryConv2d(nn.Module):
-    """A deployed W1A1 convolution: ``y = s_o * (sign(x - t) (*) sign(w))_int + b_o`` via XNOR-popcount."""
+class _XnorLayer(nn.Module):
+    """Shared state of the deployed layers: packed weight words in SIMD-lane layout, the padding
+    correction, the folded per-channel affine and the input threshold (RSign), all buffers."""
 
-    def __init__(self, conv: QConv2d, bn: _BatchNorm | None = None, isa: str = "auto") -> None:
+    def __init__(self, layer: QConv2d | QLinear, bn: _BatchNorm | None, isa: str, weight_4d: Tensor) -> None:
         super().__init__()
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(
-                f"BinaryConv2d supports groups=1 and numeric zero padding, got groups={conv.groups}, "
-                f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}; leave this layer undeployed"
-            )
-        codes, params = conv.weight_quantizer.encode(conv.weight.detach())
-        bits, corr = pack_weight_bits(codes.float() * 2 - 1)
-        scale, bias = _fold(params["scale"], conv.bias, bn)
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
-        self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
+        codes, params = layer.weight_quantizer.encode(layer.weight.detach())
+        bits, corr = pack_weight_bits((codes.float() * 2 - 1).view_as(weight_4d))
+        scale, bias = _fold(params["scale"], layer.bias, bn)
         self.isa, self._isa = isa, isa_code(isa)
         self.folded_bn = bn is not None
         self.register_buffer("weight_lanes", lane_layout(bits))
         self.register_buffer("corr", corr)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
-        self.register_buffer("threshold", _input_threshold(conv))
+        self.register_buffer("threshold", _input_threshold(layer))
+
+    def _conv(self, x: Tensor, channels: int, geometry: tuple[int, ...]) -> Tensor:
+        """``binary_conv2d`` on ``x`` [N, C, H, W]; ``geometry`` = kernel, stride, padding, dilation (h, w each)."""
+        ops = kernels()
+        bits = ops.pack_signs(x.float(), self.threshold)
+        return ops.binary_conv2d(bits, self.weight_lanes, self.corr, channels, *geometry, self.scale, self.bias,
+                                 self._isa)  # fmt: skip
+
+
+class BinaryConv2d(_XnorLayer):
+    """A deployed W1A1 convolution: ``y = s_o * (sign(x - t) (*) sign(w))_int + b_o`` via XNOR-popcount."""
+
+    def __init__(self, conv: QConv2d, bn: _BatchNorm | None = None, isa: str = "auto") -> None:
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(
+                f"BinaryConv2d supports groups=1 and numeric zero padding, got groups={conv.groups}, "
+                f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}; leave this layer undeployed"
+            )
+        super().__init__(conv, bn, isa, conv.weight)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
+        self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{self}: expected input [N, {self.in_channels}, H, W], got {list(x.shape)}")
-        ops = kernels()
-        out = ops.binary_conv2d(
-            ops.pack_signs(x.float(), self.threshold),
-            self.weight_lanes,
-            self.corr,
-            self.in_channels,
-            *self.kernel_size,
-            *self.stride,
-            *self.padding,
-            *self.dilation,
-            self.scale,
-            self.bias,
-            self._isa,
-        )
-        return out.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+        geometry = (*self.kernel_size, *self.stride, *self.padding, *self.dilation)
+        return self._conv(x, self.in_channels, geometry).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
 
     def extra_repr(self) -> str:
         return (
@@ -135,40 +137,18 @@ class BinaryConv2d(nn.Module):
         )
 
 
-class BinaryLinear(nn.Module):
+class BinaryLinear(_XnorLayer):
     """A deployed W1A1 linear layer (a 1x1 binary convolution on a 1x1 image)."""
 
     def __init__(self, linear: QLinear, bn: _BatchNorm | None = None, isa: str = "auto") -> None:
-        super().__init__()
-        codes, params = linear.weight_quantizer.encode(linear.weight.detach())
-        bits, corr = pack_weight_bits((codes.float() * 2 - 1)[:, :, None, None])
-        scale, bias = _fold(params["scale"], linear.bias, bn)
+        super().__init__(linear, bn, isa, linear.weight[:, :, None, None])
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.isa, self._isa = isa, isa_code(isa)
-        self.folded_bn = bn is not None
-        self.register_buffer("weight_lanes", lane_layout(bits))
-        self.register_buffer("corr", corr)
-        self.register_buffer("scale", scale)
-        self.register_buffer("bias", bias)
-        self.register_buffer("threshold", _input_threshold(linear))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"{self}: expected input [N, {self.in_features}], got {list(x.shape)}")
-        ops = kernels()
-        bits = ops.pack_signs(x.float()[:, :, None, None], self.threshold)
-        one_by_one = (1, 1, 1, 1, 0, 0, 1, 1)  # kernel, stride, padding, dilation
-        out = ops.binary_conv2d(
-            bits,
-            self.weight_lanes,
-            self.corr,
-            self.in_features,
-            *one_by_one,
-            self.scale,
-            self.bias,
-            self._isa,
-        )
-        return out.view(x.shape[0], self.out_features)
+        one_by_one = (1, 1, 1, 1, 0, 0, 1, 1)
+        return self._conv(x[:, :, None, None], self.in_features, one_by_one).view(x.shape[0], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, xnor-popcount ({self.isa})"
