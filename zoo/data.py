@@ -49,7 +49,8 @@ def _candidate_roots(dataset: str) -> list[Path]:
         here.parent / "shared" / "data",
     ]
     bases += [cache_dir() / "data"]
-    return [b / n if n else b for b in bases for n in names]
+    candidates = [b / n if n else b for b in bases for n in names]
+    return list(dict.fromkeys(candidates))  # each place once (cwd is often the repository)
 
 
 def _kind(path: Path, dataset: str) -> str | None:
