@@ -106,3 +106,15 @@ def test_reestimate_bn_writes_a_new_checkpoint(tmp_path, tiny_zip, capsys):
     before, after = zoo.load_packed(source), zoo.load_packed(out)
     assert not torch.equal(before.stem[1].running_mean, after.stem[1].running_mean)
     assert torch.equal(before.layer1[0].conv1.weight, after.layer1[0].conv1.weight)
+
+
+def test_model_table_is_written_into_its_block(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(_published(tmp_path / "ckpts")))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- model-table:start -->\nold\n<!-- model-table:end -->\nrest\n")
+    assert zoo_main(["table", "--write", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "| `resnet20_w1a1.test` | 1/1 |" in text and text.endswith("rest\n")
+    readme.write_text("no markers\n")
+    assert zoo_main(["table", "--write", str(readme)]) == 2
+    assert "<!-- model-table:start -->" in capsys.readouterr().err

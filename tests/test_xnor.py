@@ -170,9 +170,11 @@ def test_clear_errors():
 
 
 def test_bench_command_reports_layers_and_end_to_end(tmp_path, capsys):
-    out = tmp_path / "bench.json"
+    out, readme = tmp_path / "bench.json", tmp_path / "README.md"
+    readme.write_text("<!-- measured:start -->\n<!-- measured:end -->\n")
     args = ["bench", "resnet20_w1a1", "--random", "--batch-sizes", "1", "--threads", "1", "--min-time", "0.01"]
-    assert zoo_main([*args, "--json", str(out)]) == 0
+    assert zoo_main([*args, "--json", str(out), "--write", str(readme)]) == 0
+    assert "<!-- bench-resnet20_w1a1:start -->" in readme.read_text() and "| 1 | 1 |" in readme.read_text()
     results = json.loads(out.read_text())
     (run,) = results["runs"]
     assert len(run["layers"]) == 18 and run["deployed_ms"] > 0 and run["float_ms"] > 0

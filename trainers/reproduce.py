@@ -28,7 +28,7 @@ import yaml
 
 import zoo
 from zoo.data import DATASETS, evaluate, load_split, normalize
-from zoo.packing import _atomic_write
+from zoo.markdown import write_block
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -227,22 +227,6 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], note: str =
         cells += [r.get("epochs") or "-"] + [r["status"]] * show_status
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
-
-
-def write_block(path: Path, key: str, text: str) -> None:
-    """Put ``text`` between ``<!-- KEY:start -->`` and ``<!-- KEY:end -->`` in a Markdown file; a new
-    block goes before ``<!-- measured:end -->``."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    content = path.read_text()
-    block = f"{start}\n{text}\n{end}"
-    if start in content and end in content:
-        head, rest = content.split(start, 1)
-        content = head + block + rest.split(end, 1)[1]
-    elif "<!-- measured:end -->" in content:
-        content = content.replace("<!-- measured:end -->", f"{block}\n\n<!-- measured:end -->")
-    else:
-        raise ValueError(f"{path} has neither a {start} ... {end} block nor a <!-- measured:end --> marker")
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(content))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import list_models, load, model_card
 from .data import DATASETS, evaluate, load_split, normalize
+from .markdown import write_block
 from .packing import _atomic_write, load_packed
 from .registry import _cards, parse_name
 
@@ -44,9 +45,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-TABLE_START, TABLE_END = "<!-- model-table:start -->", "<!-- model-table:end -->"
-
-
 def model_table() -> str:
     """The Markdown table of published checkpoints, generated from their cards."""
     lines = [
@@ -73,13 +71,7 @@ def cmd_table(args: argparse.Namespace) -> int:
         print(table)
         return 0
     path = Path(args.write)
-    text = path.read_text()
-    if TABLE_START not in text or TABLE_END not in text:
-        raise ValueError(f"{path} has no {TABLE_START} ... {TABLE_END} block to fill")
-    head, rest = text.split(TABLE_START, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    new = f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(new))
+    write_block(path, "model-table", table, create=False)
     print(f"wrote the model table into {path}")
     return 0
 
@@ -134,13 +126,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .xnor.bench import benchmark
+    from .xnor.bench import benchmark, summary_markdown
 
     results = benchmark(
         args.name, tuple(args.batch_sizes), tuple(args.threads), args.isa, not args.random, args.min_time
     )
     if args.json:
         _atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
+    summary = summary_markdown(results)
+    print(f"\n{summary}")
+    for path in args.write:
+        write_block(path, f"bench-{results['model']}", summary)
     return 0
 
 
@@ -241,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random", action="store_true", help="random weights (for names without a checkpoint)")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per measurement")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
+    p.add_argument("--write", nargs="*", default=[], metavar="MD", help="put the summary table into these files")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("reestimate-bn", help="re-estimate BatchNorm statistics and write a new packed checkpoint")
     p.add_argument("name", help="zoo name or packed .safetensors file")

@@ -114,3 +114,24 @@ def benchmark(
     finally:
         torch.set_num_threads(saved_threads)
     return results
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """A compact table of a :func:`benchmark` result: end to end and the fastest-gaining layer per setting."""
+    lines = [
+        f"`{results['model']}`, `zoo.deploy` ({results['isa']}) vs the same network in float (PyTorch/oneDNN); "
+        f"weights in memory {results['weight_bytes']['deployed'] / 1e6:.2f} MB vs "
+        f"{results['weight_bytes']['float'] / 1e6:.2f} MB.",
+        "",
+        "| threads | batch | float ms | deployed ms | end-to-end speed-up | best layer (shape) | layer speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in results["runs"]:
+        best = max(run["layers"], key=lambda r: r["float_ms"] / r["xnor_ms"]) if run["layers"] else None
+        layer = f"{best['layer']} ({best['shape']})" if best else "-"
+        gain = f"{best['float_ms'] / best['xnor_ms']:.1f}x" if best else "-"
+        lines.append(
+            f"| {run['threads']} | {run['batch']} | {run['float_ms']:.2f} | {run['deployed_ms']:.2f} | "
+            f"{run['speedup']:.2f}x | {layer} | {gain} |"
+        )
+    return "\n".join(lines)
