@@ -27,12 +27,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--compiled", action="store_true", help="zoo.quant.estimators.use_compiled_kernels()")
+    parser.add_argument(
+        "--kernels",
+        default="eager",
+        choices=["eager", "compiled", "cpp"],
+        help="zoo.quant.estimators.use_kernels(): how the sign quantizers' element-wise passes run",
+    )
     args = parser.parse_args()
-    if args.compiled:
-        from zoo.quant.estimators import use_compiled_kernels
+    from zoo.quant.estimators import use_kernels
 
-        use_compiled_kernels(True)
+    kernels = use_kernels(args.kernels)
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch_size,))
@@ -60,7 +64,6 @@ def main() -> None:
             seconds[name] += time.perf_counter() - start
     images = args.rounds * args.steps * args.batch_size
     base = images / seconds[args.models[0]]
-    kernels = "compiled" if args.compiled else "eager"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, {kernels} kernels")
     print(f"{'model':20s} {'images/s':>10s} {'ratio':>7s}")
     for name in args.models:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from zoo.kernels import kernels_available
 from zoo.packing import pack_codes, unpack_codes
 from zoo.quant import (
     LSQ,
@@ -264,3 +265,48 @@ def test_compiled_kernels_match_eager():
         estimators.use_compiled_kernels(False)
     assert torch.equal(compiled_out, eager_out) and compiled_out[0, 0, 0, 0] == 1.0
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not kernels_available("sign"), reason="the C++ sign kernels need a C++ compiler")
+def test_cpp_sign_kernels_against_independent_formulas():
+    """The fused C++ kernels: sign with sign(+-0) = +1, the unbiased per-channel std, and the DTE
+    backward ``g * k t / sigma * (1 - tanh(t x / sigma)^2)`` computed here in float64."""
+    from zoo.kernels import load
+
+    ops = load("sign")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 7, 9, 11, generator=gen) * 3
+    x[0, 0, 0, :2] = torch.tensor([0.0, -0.0])
+    assert torch.equal(ops.sign_values(x), torch.where(x >= 0, 1.0, -1.0)) and ops.sign_values(x)[0, 0, 0, 1] == 1
+    sigma = ops.channel_std(x)
+    torch.testing.assert_close(sigma, x.double().std(dim=(0, 2, 3), keepdim=True).float(), rtol=1e-5, atol=0)
+    grad = torch.randn(x.shape, generator=gen)
+    t, k = 2.5, 1.0
+    slope, scale = t / sigma, k * t / sigma
+    expected = grad.double() * scale.double() * (1 - torch.tanh(slope.double() * x.double()) ** 2)
+    torch.testing.assert_close(ops.tanh_grad(x, slope, scale, grad).double(), expected, rtol=1e-5, atol=1e-6)
+    scalar = torch.tensor(t)  # EDE: one slope for the whole tensor
+    expected = grad.double() * t * (1 - torch.tanh(t * x.double()) ** 2)
+    torch.testing.assert_close(ops.tanh_grad(x, scalar, scalar, grad).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not kernels_available("sign"), reason="the C++ sign kernels need a C++ compiler")
+@pytest.mark.parametrize("estimator", ["dte", "ede"])
+def test_cpp_kernels_match_eager_in_quantizers(estimator):
+    """Activations (per-channel, C++) and IMB weights (per output channel: the eager fallback)."""
+    from zoo.quant import estimators
+    from zoo.quant.binary import IMBWeight
+
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(8))
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    act, weight = Sign(estimator=estimator), IMBWeight(estimator=estimator)
+    act.estimator.set_t(2.5)
+    eager = [act(x), _input_grad(act, x, upstream), weight(x), _input_grad(weight, x, upstream)]
+    assert estimators.use_kernels("cpp") == "cpp"
+    try:
+        fused = [act(x), _input_grad(act, x, upstream), weight(x), _input_grad(weight, x, upstream)]
+    finally:
+        estimators.use_kernels("eager")
+    assert torch.equal(fused[0], eager[0]) and torch.equal(fused[2], eager[2])
+    torch.testing.assert_close(fused[1], eager[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused[3], eager[3], rtol=1e-5, atol=1e-6)

@@ -12,9 +12,9 @@ from torch.nn import functional as F
 
 import zoo
 from zoo.__main__ import main as zoo_main
+from zoo.kernels import kernels, load
 from zoo.quant.binary import IMBWeight, RSign, Sign, XNORWeight
 from zoo.xnor import BinaryConv2d, BinaryLinear, available_isas, deploy, kernels_available, pack_weight_bits
-from zoo.xnor._ext import kernels
 
 from .conftest import SHARED_ZIP
 
@@ -148,13 +148,13 @@ def test_deployed_predictions_on_real_test_images():
 
 def test_without_a_compiler_deploy_warns_and_keeps_the_float_path(monkeypatch):
     model = _randomize_bn(zoo.create_model("resnet20_w1a1"))
-    kernels.cache_clear()
+    load.cache_clear()
     monkeypatch.setenv("CXX", "no-such-compiler-zoo")
     try:
         with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
             deployed = deploy(model)
     finally:
-        kernels.cache_clear()
+        load.cache_clear()
     assert deployed.deploy_info["isa"] is None and not any(isinstance(m, BinaryConv2d) for m in deployed.modules())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

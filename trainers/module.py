@@ -16,7 +16,7 @@ import zoo
 from distill import FeatureHooks, kd_loss, rbd_loss
 from zoo.convert import build_model
 from zoo.packing import load_packed
-from zoo.quant.estimators import use_compiled_kernels
+from zoo.quant.estimators import use_kernels
 
 from .optim import OPTIMIZERS, Schedule, build_optimizer, parameter_groups, per_step_scheduler
 
@@ -70,8 +70,9 @@ class ZooClassifier(pl.LightningModule):
             biases and quantizer parameters (all 0/1-d tensors).
         scheduler: ``cosine``, ``step`` (``milestones`` in epochs, ``gamma``),
             ``linear`` or ``constant``, per step, after ``warmup_epochs`` of linear warmup.
-        compile_quantizers: fuse the binary quantizers' element-wise passes with
-            ``torch.compile`` (:func:`zoo.quant.estimators.use_compiled_kernels`).
+        quantizer_kernels: how the binary quantizers' element-wise passes run: ``eager``,
+            ``compiled`` (``torch.compile``) or ``cpp`` (the project's fused C++ kernels), see
+            :func:`zoo.quant.estimators.use_kernels`. The values are the same to float rounding.
     """
 
     def __init__(
@@ -98,12 +99,11 @@ class ZooClassifier(pl.LightningModule):
         milestones: list[float] | None = None,
         gamma: float = 0.1,
         min_lr_ratio: float = 0.0,
-        compile_quantizers: bool = False,
+        quantizer_kernels: str = "eager",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if compile_quantizers:
-            use_compiled_kernels(True)
+        use_kernels(quantizer_kernels)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         self.lr_restarts: list[float] = []  # set by ProgressiveQuantization: one LR cycle per stage

@@ -8,6 +8,7 @@ is saved in checkpoints and can be driven by a schedule callback.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -36,16 +37,69 @@ _EAGER = {"sign": _sign_values, "tanh_grad": _tanh_grad, "std": _moments_std}
 _KERNELS = dict(_EAGER)
 
 
-def use_compiled_kernels(enabled: bool = True) -> None:
-    """Run the element-wise parts of ``sign`` (forward values, EDE/DTE backward, DTE's channel
-    std) through ``torch.compile``, which fuses their passes (measured here: the DTE backward
-    18.6 -> 7.2 ms and the sign forward 5.1 -> 0.9 ms on a 128x16x32x32 tensor, 1 CPU thread).
-    Each new shape compiles once (seconds); needs a C++ compiler on CPU. Off by default."""
-    if enabled:
+KERNEL_KINDS = ("eager", "compiled", "cpp")
+
+
+def _cpp_kernels() -> dict:
+    """The fused C++ kernels (``zoo/csrc/sign.cpp``) where they apply (float32 CPU tensors, NCHW
+    per-channel statistics over dim 1), the eager functions elsewhere (e.g. per-output-channel weights)."""
+    from ..kernels import load
+
+    ops = load("sign")
+
+    def fits(t: Tensor) -> bool:
+        return t.device.type == "cpu" and t.dtype == torch.float32
+
+    def per_channel(x: Tensor, v: Tensor) -> bool:  # a scalar, or one value per channel of NCHW x
+        return v.dim() == 0 or (x.dim() == 4 and tuple(v.shape) == (1, x.shape[1], 1, 1))
+
+    def sign(x: Tensor) -> Tensor:
+        return ops.sign_values(x) if fits(x) else _sign_values(x)
+
+    def tanh_grad(x: Tensor, slope: Tensor, scale: Tensor, grad: Tensor) -> Tensor:
+        if fits(x) and fits(grad) and per_channel(x, slope) and per_channel(x, scale):
+            return ops.tanh_grad(x, slope, scale, grad)
+        return _tanh_grad(x, slope, scale, grad)
+
+    def std(x: Tensor, dims: list[int], n: int) -> Tensor:
+        if fits(x) and x.dim() == 4 and list(dims) == [0, 2, 3]:
+            return ops.channel_std(x)
+        return _moments_std(x, dims, n)
+
+    return {"sign": sign, "tanh_grad": tanh_grad, "std": std}
+
+
+def use_kernels(kind: str = "eager") -> str:
+    """How the element-wise parts of ``sign`` run (forward values, EDE/DTE backward, DTE's channel std).
+
+    * ``eager``: PyTorch ops (default).
+    * ``compiled``: ``torch.compile`` fuses their passes (each new shape compiles once, seconds).
+    * ``cpp``: the project's fused C++ kernels, one pass each, built on first use (about 20 s);
+      falls back to ``eager`` with a warning where they cannot be built.
+
+    Both fused kinds need a C++ compiler. Returns the kind now in use.
+    """
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"kernels must be one of {KERNEL_KINDS}, got {kind!r}")
+    _KERNELS.update(_EAGER)
+    if kind == "compiled":
         _KERNELS.update({k: torch.compile(f, dynamic=False) for k, f in _EAGER.items() if k != "sign"})
         _KERNELS["sign"] = torch.compile(lambda x: torch.where(x >= 0, 1.0, -1.0).to(x.dtype), dynamic=False)
-    else:
-        _KERNELS.update(_EAGER)
+    elif kind == "cpp":
+        from ..kernels import KernelBuildError
+
+        try:
+            _KERNELS.update(_cpp_kernels())
+        except KernelBuildError as err:
+            warnings.warn(f"C++ quantizer kernels unavailable ({err}); using eager kernels", stacklevel=2)
+            return "eager"
+    return kind
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """``use_kernels("compiled" if enabled else "eager")`` (measured here: the DTE backward
+    18.6 -> 7.2 ms and the sign forward 5.1 -> 0.9 ms on a 128x16x32x32 tensor, 1 CPU thread)."""
+    use_kernels("compiled" if enabled else "eager")
 
 
 class Estimator(nn.Module):

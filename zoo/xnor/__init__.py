@@ -3,7 +3,7 @@
 Every W1A1 convolution or linear (binary weights, ``sign``/``RSign`` input) becomes a
 :class:`BinaryConv2d`/:class:`BinaryLinear` that keeps its weights as packed bits
 and computes exact integer dot products with XNOR and popcount on 64-bit words
-(``csrc/xnor.cpp``, a C++ extension built on first use with torch's
+(``zoo/csrc/xnor.cpp``, a C++ extension built on first use with torch's
 ``cpp_extension``). The weight scale and a directly following BatchNorm fold into
 one per-channel affine ``y = s_o * dot + b_o``; real layers (stem, classifier,
 1x1 downsamples) stay in PyTorch. Binary-weight layers with real inputs (W1A32)
@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..kernels import ISAS, KernelBuildError, isa_code, kernels, kernels_available
 from ..layers import QUANTIZED_LAYERS, QConv2d, QLinear
 from ..quant.binary import RSign, Sign, _BinaryWeight
-from ._ext import ISAS, KernelBuildError, isa_code, kernels, kernels_available
 
 __all__ = [
     "ISAS",
