@@ -280,6 +280,8 @@ def test_cpp_sign_kernels_against_independent_formulas():
     assert torch.equal(ops.sign_values(x), torch.where(x >= 0, 1.0, -1.0)) and ops.sign_values(x)[0, 0, 0, 1] == 1
     sigma = ops.channel_std(x)
     torch.testing.assert_close(sigma, x.double().std(dim=(0, 2, 3), keepdim=True).float(), rtol=1e-5, atol=0)
+    values, fused_sigma = ops.sign_and_std(x)  # the DTE forward reads x once
+    assert torch.equal(values, torch.where(x >= 0, 1.0, -1.0)) and torch.equal(fused_sigma, sigma)
     grad = torch.randn(x.shape, generator=gen)
     t, k = 2.5, 1.0
     slope, scale = t / sigma, k * t / sigma

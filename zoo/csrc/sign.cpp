@@ -3,6 +3,7 @@
 //   sign_values(x)                  = x >= 0 ? +1 : -1                       (sign(0) = +1)
 //   channel_std(x)                  = unbiased std per channel of NCHW x, clamped at 1e-8,
 //                                     from double-precision sums of x and x^2 (shape [1, C, 1, 1])
+//   sign_and_std(x)                 = both, reading x once (the DTE forward)
 //   tanh_grad(x, slope, scale, g)   = g * scale_c * (1 - tanh(slope_c * x)^2)  (EDE/DTE backward)
 // slope and scale hold one value or one per channel (dim 1 of NCHW). tanh is SLEEF's 3.5-ULP
 // vector tanh (as exported by libtorch_cpu; several times faster than the 1-ULP one), so the
@@ -50,42 +51,88 @@ at::Tensor sign_values(const at::Tensor& x) {
   return out;
 }
 
-at::Tensor channel_std(const at::Tensor& x) {
-  check_float(x, "channel_std");
-  TORCH_CHECK(x.dim() == 4, "channel_std: expected an NCHW tensor");
-  at::Tensor in = x.contiguous();
+// Sum and sum of squares of one plane, writing its sign values when ``values`` is not null.
+void plane_moments_scalar(const float* p, int64_t count, float* values, double* sum, double* sum_sq) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0}, q[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent partial sums
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      s[j] += p[i + j];
+      q[j] += p[i + j] * p[i + j];
+    }
+  }
+  for (; i < count; ++i) {
+    s[0] += p[i];
+    q[0] += p[i] * p[i];
+  }
+  if (values != nullptr) {
+    for (int64_t k = 0; k < count; ++k) values[k] = p[k] >= 0.f ? 1.f : -1.f;
+  }
+  for (int j = 0; j < 8; ++j) {  // the plane in float, the total in double
+    *sum += s[j];
+    *sum_sq += q[j];
+  }
+}
+
+#if ZOO_X86
+__attribute__((target("avx512f"))) void plane_moments_avx512(const float* p, int64_t count, float* values,
+                                                             double* sum, double* sum_sq) {
+  const __m512 one = _mm512_set1_ps(1.f), minus_one = _mm512_set1_ps(-1.f), zero = _mm512_setzero_ps();
+  __m512 s = zero, q = zero;
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m512 v = _mm512_loadu_ps(p + i);
+    s = _mm512_add_ps(s, v);
+    q = _mm512_fmadd_ps(v, v, q);
+    if (values != nullptr) {
+      const __mmask16 nonneg = _mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ);  // NaN -> -1, as eager
+      _mm512_storeu_ps(values + i, _mm512_mask_blend_ps(nonneg, minus_one, one));
+    }
+  }
+  *sum += _mm512_reduce_add_ps(s);
+  *sum_sq += _mm512_reduce_add_ps(q);
+  if (i < count) plane_moments_scalar(p + i, count - i, values == nullptr ? nullptr : values + i, sum, sum_sq);
+}
+#endif
+
+// sign values of x (when ``values`` is not null) and the unbiased per-channel std, one pass per channel
+void sign_std_pass(const at::Tensor& in, float* values, float* stds) {
   const int64_t n = in.size(0), c = in.size(1), plane = in.size(2) * in.size(3), count = n * plane;
-  at::Tensor out = at::empty({1, c, 1, 1}, in.options());
   const float* src = in.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+  auto moments = plane_moments_scalar;
+#if ZOO_X86
+  if (__builtin_cpu_supports("avx512f")) moments = plane_moments_avx512;
+#endif
   at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
       double sum = 0.0, sum_sq = 0.0;
       for (int64_t b = 0; b < n; ++b) {
-        const float* p = src + (b * c + ch) * plane;
-        float s[8] = {0, 0, 0, 0, 0, 0, 0, 0}, q[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent partial sums
-        int64_t i = 0;
-        for (; i + 8 <= plane; i += 8) {
-          for (int j = 0; j < 8; ++j) {
-            s[j] += p[i + j];
-            q[j] += p[i + j] * p[i + j];
-          }
-        }
-        for (; i < plane; ++i) {
-          s[0] += p[i];
-          q[0] += p[i] * p[i];
-        }
-        for (int j = 0; j < 8; ++j) {  // planes in float, the total in double
-          sum += s[j];
-          sum_sq += q[j];
-        }
+        const int64_t offset = (b * c + ch) * plane;
+        moments(src + offset, plane, values == nullptr ? nullptr : values + offset, &sum, &sum_sq);
       }
       const double mean = sum / count;
       const double var = std::max(sum_sq / count - mean * mean, 0.0) * count / std::max<int64_t>(count - 1, 1);
-      dst[ch] = std::max(static_cast<float>(std::sqrt(var)), 1e-8f);
+      stds[ch] = std::max(static_cast<float>(std::sqrt(var)), 1e-8f);
     }
   });
-  return out;
+}
+
+at::Tensor channel_std(const at::Tensor& x) {
+  check_float(x, "channel_std");
+  TORCH_CHECK(x.dim() == 4, "channel_std: expected an NCHW tensor");
+  at::Tensor in = x.contiguous();
+  at::Tensor stds = at::empty({1, in.size(1), 1, 1}, in.options());
+  sign_std_pass(in, nullptr, stds.data_ptr<float>());
+  return stds;
+}
+
+std::tuple<at::Tensor, at::Tensor> sign_and_std(const at::Tensor& x) {
+  check_float(x, "sign_and_std");
+  TORCH_CHECK(x.dim() == 4, "sign_and_std: expected an NCHW tensor");
+  at::Tensor in = x.contiguous();
+  at::Tensor values = at::empty_like(in), stds = at::empty({1, in.size(1), 1, 1}, in.options());
+  sign_std_pass(in, values.data_ptr<float>(), stds.data_ptr<float>());
+  return {values, stds};
 }
 
 // out[i] = g[i] * scale * (1 - tanh(slope * x[i])^2) over [begin, end), one slope/scale
@@ -166,6 +213,7 @@ at::Tensor tanh_grad(const at::Tensor& x, const at::Tensor& slope, const at::Ten
 TORCH_LIBRARY(zoo_sign, m) {
   m.def("sign_values(Tensor x) -> Tensor", &sign_values);
   m.def("channel_std(Tensor x) -> Tensor", &channel_std);
+  m.def("sign_and_std(Tensor x) -> (Tensor, Tensor)", &sign_and_std);
   m.def("tanh_grad(Tensor x, Tensor slope, Tensor scale, Tensor grad) -> Tensor", &tanh_grad);
   m.def("loaded() -> bool", [] { return true; });
 }

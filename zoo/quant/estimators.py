@@ -33,7 +33,12 @@ def _moments_std(x: Tensor, dims: list[int], n: int) -> Tensor:
     return (var.clamp_min(0) * (n / max(n - 1, 1))).sqrt().clamp_min(1e-8)
 
 
-_EAGER = {"sign": _sign_values, "tanh_grad": _tanh_grad, "std": _moments_std}
+def _sign_and_std(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
+    """The forward values and DTE's per-channel std (two kernels, or one fused, see :func:`use_kernels`)."""
+    return _KERNELS["sign"](x), channel_std(x, channel_dim)
+
+
+_EAGER = {"sign": _sign_values, "tanh_grad": _tanh_grad, "std": _moments_std, "sign_std": _sign_and_std}
 _KERNELS = dict(_EAGER)
 
 
@@ -66,7 +71,12 @@ def _cpp_kernels() -> dict:
             return ops.channel_std(x)
         return _moments_std(x, dims, n)
 
-    return {"sign": sign, "tanh_grad": tanh_grad, "std": std}
+    def sign_std(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
+        if fits(x) and x.dim() == 4 and channel_dim == 1:
+            return ops.sign_and_std(x)
+        return _sign_and_std(x, channel_dim)
+
+    return {"sign": sign, "tanh_grad": tanh_grad, "std": std, "sign_std": sign_std}
 
 
 def use_kernels(kind: str = "eager") -> str:
@@ -83,7 +93,7 @@ def use_kernels(kind: str = "eager") -> str:
         raise ValueError(f"kernels must be one of {KERNEL_KINDS}, got {kind!r}")
     _KERNELS.update(_EAGER)
     if kind == "compiled":
-        _KERNELS.update({k: torch.compile(f, dynamic=False) for k, f in _EAGER.items() if k != "sign"})
+        _KERNELS.update({k: torch.compile(f, dynamic=False) for k, f in _EAGER.items() if k in ("tanh_grad", "std")})
         _KERNELS["sign"] = torch.compile(lambda x: torch.where(x >= 0, 1.0, -1.0).to(x.dtype), dynamic=False)
     elif kind == "cpp":
         from ..kernels import KernelBuildError
@@ -229,10 +239,12 @@ def make_estimator(spec: str | Estimator | None, default: str = "ste") -> Estima
 
 class _SignFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, estimator: Estimator, sigma: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, estimator: Estimator, sigma_dim: int | None) -> Tensor:
+        """``sigma_dim``: the channel dim of DTE's ``sigma`` (computed with the values), or None."""
         ctx.estimator = estimator
+        values, sigma = _KERNELS["sign_std"](x, sigma_dim) if sigma_dim is not None else (_KERNELS["sign"](x), None)
         ctx.save_for_backward(x, sigma)
-        return _KERNELS["sign"](x)
+        return values
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -243,8 +255,7 @@ class _SignFunction(torch.autograd.Function):
 def sign(x: Tensor, estimator: Estimator, channel_dim: int = 1) -> Tensor:
     """``sign(x)`` in {-1, +1} with the estimator's backward; ``sigma`` per ``channel_dim``."""
     needs_grad = torch.is_grad_enabled() and x.requires_grad  # sigma only serves the backward
-    sigma = channel_std(x.detach(), channel_dim) if estimator.needs_sigma and needs_grad else None
-    return _SignFunction.apply(x, estimator, sigma)
+    return _SignFunction.apply(x, estimator, channel_dim if estimator.needs_sigma and needs_grad else None)
 
 
 def channel_std(x: Tensor, channel_dim: int) -> Tensor:
