@@ -30,6 +30,8 @@ import zoo
 from zoo.data import DATASETS, evaluate, load_split, normalize
 from zoo.markdown import write_block
 
+from .data import random_crop_flip
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
@@ -134,12 +136,15 @@ def _test_top1(model, data: str | None, limit: int | None) -> float:
 
 
 def _reestimate_bn(model, data: str | None, num_batches: int = 50, batch_size: int = 128) -> None:
-    """Re-estimate BatchNorm statistics from un-augmented training images (the first
-    ``num_batches * batch_size`` of a seed-0 permutation, so every row sees the same batches)."""
+    """Re-estimate BatchNorm statistics from ``num_batches`` training batches with the training
+    augmentation (pad-4 crop + flip), as Nagel et al. do; images and crops from seed 0, so every
+    row sees the same batches."""
     images, _ = load_split(data, "train", _dataset(model))
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: num_batches * batch_size]
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(images), generator=generator)[: num_batches * batch_size]
     info = DATASETS[_dataset(model)]
-    batches = (normalize(images[i], info["mean"], info["std"]) for i in order.split(batch_size))
+    torch.manual_seed(0)  # the crop offsets and flips
+    batches = (normalize(random_crop_flip(images[i]), info["mean"], info["std"]) for i in order.split(batch_size))
     zoo.reestimate_bn(model, batches, num_batches)
 
 
