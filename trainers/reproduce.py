@@ -181,6 +181,8 @@ def run_row(
         "--trainer.enable_progress_bar=false",
         *extra,
     ]
+    metrics = run_dir / "lightning_logs" / "run" / "metrics.csv"
+    logged_before = _last_logged(metrics, "train/oscillating_fraction")  # a resumed run rewrites the log
     if (run_dir / "lightning_logs" / "run" / "checkpoints" / "last.ckpt").is_file():
         args.append("--ckpt_path=last")
     env = {**os.environ, "ZOO_EXPORT_DIR": str(run_dir)}
@@ -193,8 +195,8 @@ def run_row(
         return {"status": "no exported checkpoint"}
     model = zoo.load_packed(exported[-1])
     card = json.loads(exported[-1].with_suffix(".json").read_text())
-    metrics = run_dir / "lightning_logs" / "run" / "metrics.csv"
     oscillating = _last_logged(metrics, "train/oscillating_fraction")
+    oscillating = oscillating if oscillating is not None else logged_before
     return {
         "status": "ok",
         **measure(model, card, data, None, bn_reest),
