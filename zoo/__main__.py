@@ -57,7 +57,7 @@ def model_table() -> str:
         lines.append(
             f"| `{card['name']}` | {card['weight_bits']}/{card['act_bits']} | {card.get('method', '-')} | "
             f"{f'{top1:.2f}' if top1 is not None else 'not measured'} | {card.get('paper_top1', '-')} | "
-            f"{card.get('epochs', '-')} | {_size(card.get('file_bytes'))} | "
+            f"{card.get('epochs_total', card.get('epochs', '-'))} | {_size(card.get('file_bytes'))} | "
             f"{f'1/{ratio:.1f}' if ratio else '-'} |"
         )
     if len(lines) == 2:
