@@ -201,3 +201,26 @@ def test_joint_training_steps_every_optimizer_and_exports_each_student(tiny_zip,
     for name in ("resnet20_w2a2", "resnet20_w4a4", "resnet20_fp"):
         card = json.loads((tmp_path / f"{name}.joint.json").read_text())
         assert card["name"] == f"{name}.joint" and card["epochs"] == 1
+
+
+def test_model_selection_restarts_with_each_stage(tmp_path):
+    """A better score from an earlier (higher-precision) stage must not be exported."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from trainers import ProgressiveQuantization
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val/top1", mode="max")
+    ckpt.best_model_score, ckpt.best_model_path = torch.tensor(0.9), str(tmp_path / "stage0.ckpt")
+    ckpt.best_k_models = {ckpt.best_model_path: ckpt.best_model_score}
+    trainer = SimpleNamespace(checkpoint_callbacks=[ckpt], current_epoch=0)
+    callback = ProgressiveQuantization([{"epochs": 1, "weight_bits": 4, "act_bits": 4},
+                                        {"epochs": 1, "weight_bits": 2, "act_bits": 2}])  # fmt: skip
+    callback._sync(trainer)  # first stage: nothing to forget
+    assert ckpt.best_model_score == 0.9
+    trainer.current_epoch = 1
+    callback._sync(trainer)  # the 2-bit stage starts
+    assert ckpt.best_model_score is None and ckpt.best_k_models == {} and ckpt.kth_value == -float("inf")
+    callback._sync(trainer)  # same stage again (e.g. resumed): nothing forgotten
+    assert ckpt.kth_value == -float("inf")

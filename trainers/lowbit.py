@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -27,6 +28,17 @@ def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
 
 
+def forget_best(trainer: pl.Trainer) -> None:
+    """Restart model selection (a new stage's network has other bit-widths than the earlier best,
+    so the exported best must come from the last stage)."""
+    for callback in getattr(trainer, "checkpoint_callbacks", []):
+        if isinstance(callback, ModelCheckpoint) and callback.monitor:
+            callback.best_k_models = {}
+            callback.kth_best_model_path = callback.best_model_path = ""
+            callback.best_model_score = None
+            callback.kth_value = torch.tensor(float("inf") if callback.mode == "min" else -float("inf"))
+
+
 class ProgressiveQuantization(pl.Callback):
     """Multi-stage progressive quantization in one ``fit``.
 
@@ -40,7 +52,9 @@ class ProgressiveQuantization(pl.Callback):
     ``restart_lr`` the LR schedule runs one cycle per stage. The stage follows
     from the epoch, so a resumed run continues in the right stage. The best
     validation top-1 of each stage is logged (``stage/val_top1``) and kept in
-    ``progressive_stages.json`` in the log directory.
+    ``progressive_stages.json`` in the log directory; model selection (the
+    monitored checkpoint) restarts with every stage, so the exported model is
+    the best of the last stage, at the target bit-widths.
     """
 
     def __init__(self, stages: list[dict[str, int]], restart_lr: bool = True) -> None:
@@ -92,6 +106,8 @@ class ProgressiveQuantization(pl.Callback):
     def _sync(self, trainer: pl.Trainer) -> None:
         index = self.stage_at(trainer.current_epoch)
         restoring = self.applied == index  # resumed mid-stage: the checkpoint holds this stage's steps
+        if self.applied is not None and not restoring:
+            forget_best(trainer)
         self.apply(index, reinitialize=not restoring)
         self.applied = index
 
