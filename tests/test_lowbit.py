@@ -13,6 +13,7 @@ import zoo
 from tests.test_trainer import _data_args, _run_cli
 from trainers.lowbit import JointDistillation, ProgressiveQuantization, StochasticPrecision
 from trainers.module import ZooClassifier
+from zoo.packing import load_packed
 
 LADDER = [
     {"epochs": 1, "weight_bits": 32, "act_bits": 32},
@@ -104,6 +105,11 @@ def test_progressive_run_resumes_mid_ladder(tiny_zip, tmp_path):
     assert [(r["stage"], r["weight_bits"], r["epochs_done"]) for r in results] == [(0, 8, 1), (1, 2, 2)]
     assert first["callbacks"]["ProgressiveQuantization"]["applied"] == 1
     assert final["state_dict"][step_key].item() != first["state_dict"][step_key].item()  # stage 2 kept training
+    # resuming the finished run trains nothing and exports the 2-bit model it ended with
+    export = ["--trainer.callbacks+=trainers.ExportPacked", "--trainer.callbacks.path=w2a2.safetensors"]
+    _run_cli([*common, *export, "--ckpt_path=last"], cwd=tmp_path)
+    layer = load_packed(tmp_path / "w2a2.safetensors").layer1[0].conv1
+    assert (layer.weight_quantizer.bits, layer.input_quantizer.bits) == (2, 2)
 
 
 def test_restoring_a_checkpoint_keeps_the_stage_steps_a_new_stage_reinitializes():
@@ -117,7 +123,10 @@ def test_restoring_a_checkpoint_keeps_the_stage_steps_a_new_stage_reinitializes(
         q.set_bits(8)  # the model as built is at its target bits; the stage before was 8-bit
         q.step.data.fill_(0.123)
         q.initialized.fill_(True)
-        callback.on_fit_start(SimpleNamespace(current_epoch=2), module)
+        callback.on_fit_start(SimpleNamespace(current_epoch=0), module)  # Lightning restores the epoch later
+        assert q.bits == (2 if applied == 1 else 8) and bool(q.initialized) and q.step.item() == pytest.approx(0.123)
+        trainer = SimpleNamespace(current_epoch=2, checkpoint_callbacks=[])
+        callback.on_train_epoch_start(trainer, SimpleNamespace(log=lambda *a, **k: None))
         assert q.bits == 2 and bool(q.initialized) is kept and q.step.item() == pytest.approx(0.123)
 
 

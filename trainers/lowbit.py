@@ -112,7 +112,13 @@ class ProgressiveQuantization(pl.Callback):
         self.applied = index
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sync(trainer)
+        # Lightning restores callback state before this hook but the epoch only after it: a resumed
+        # run re-applies the checkpoint's stage as it was (its LSQ steps are in the checkpoint), so
+        # even a finished run, which starts no epoch, exports at the bits it trained.
+        if self.applied is None:
+            self._sync(trainer)
+        else:
+            self.apply(self.applied, reinitialize=False)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync(trainer)

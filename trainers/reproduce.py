@@ -63,6 +63,11 @@ TABLES: dict[str, list[Row]] = {
         Row("ResNet-18 W1A1", "resnet18_w1a1_dirnet", "resnet18_w1a1"),
         Row("VGG-Small W1A1", "vgg_small_w1a1_dirnet", "vgg_small_w1a1"),
     ],
+    # the published multi-bit ResNet-20 checkpoints (LSQ from resnet20_fp with KD, BN re-estimation)
+    "lowbit-zoo-cifar10": [
+        Row("ResNet-20 W4A4", "resnet20_w4a4_lsq", "resnet20_w4a4"),
+        Row("ResNet-20 W2A2", "resnet20_w2a2_lsq", "resnet20_w2a2"),
+    ],
     # ResNet-20 W1A1 ablation: the baseline (XNOR scale, EDE, no distillation), each DIR-Net part alone,
     # all three. Only IMB + EDE is a published recipe (IR-Net); DIR-Net's own table is unverified.
     "dirnet-ablation": [
