@@ -138,6 +138,7 @@ class ExportPacked(pl.Callback):
                 "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                 f"{'GPU' if torch.cuda.is_available() else 'CPU'}",
                 "devices": trainer.num_devices,
+                "precision": str(trainer.precision),  # e.g. bf16-mixed: CPU autocast
                 "wall_time_hours": round(wall / 3600, 3),
             },
         }
