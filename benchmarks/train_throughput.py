@@ -1,6 +1,6 @@
 """Training-step throughput of quantized vs float models in one run (target: w1a1 >= 0.85 x fp).
 
-    python benchmarks/train_throughput.py [--models resnet20_fp resnet20_w1a1] [--steps 20]
+    python benchmarks/train_throughput.py [--models resnet20_fp resnet20_w1a1] [--steps 20] [--bf16]
 
 Each model runs SGD steps (forward, backward, update) on random batches of
 128 CIFAR-sized images; the first steps are warm-up. Models alternate in
@@ -33,6 +33,9 @@ def main() -> None:
         choices=["eager", "compiled", "cpp"],
         help="zoo.quant.estimators.use_kernels(): how the sign quantizers' element-wise passes run",
     )
+    parser.add_argument(
+        "--bf16", action="store_true", help="torch.autocast(cpu, bfloat16), as the presets' precision: bf16-mixed"
+    )
     args = parser.parse_args()
     from zoo.quant.estimators import use_kernels
 
@@ -47,7 +50,8 @@ def main() -> None:
 
     def step(name: str) -> None:
         model, opt = setups[name]
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -64,7 +68,10 @@ def main() -> None:
             seconds[name] += time.perf_counter() - start
     images = args.rounds * args.steps * args.batch_size
     base = images / seconds[args.models[0]]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, {kernels} kernels")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, {kernels} kernels"
+        + (", bf16 autocast" if args.bf16 else "")
+    )
     print(f"{'model':20s} {'images/s':>10s} {'ratio':>7s}")
     for name in args.models:
         rate = images / seconds[name]
