@@ -31,7 +31,8 @@ def test_zoo_list_info_eval(tmp_path, tiny_zip, monkeypatch, capsys):
     monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(_published(tmp_path)))
     assert zoo_main(["list", "--pretrained"]) == 0
     out = capsys.readouterr().out
-    assert "resnet20_w1a1.test" in out and "w1a1" in out and "10.00" in out and "kB" in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("resnet20_w1a1.test"))
+    assert row[:4] == ["resnet20_w1a1.test", "w1a1", "cifar10", "10.00"] and row[-1] == "kB"  # bits, not the tag
     assert zoo_main(["info", "resnet20_w1a1"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "resnet20_w1a1.test"
     assert zoo_main(["eval", "resnet20_w1a1", "--data", str(tiny_zip)]) == 0

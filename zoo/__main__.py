@@ -32,7 +32,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows.append(
             [
                 name,
-                name.split("_")[-1].split(".")[0],
+                parse_name(name).base.split("_")[-1],
                 card.get("dataset", "-").split(" ")[0] if card else "-",
                 f"{top1:.2f}" if top1 is not None else "-",
                 _size(card.get("file_bytes")) if card else "-",
