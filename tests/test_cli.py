@@ -21,8 +21,8 @@ def _published(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     zoo.save_packed(
         zoo.create_model("resnet20_w1a1"),
-        tmp_path / "resnet20_w1a1.test.safetensors",
-        {"name": "resnet20_w1a1.test", "top1": 10.0, "dataset": "cifar10", "paper_top1": 86.5},
+        tmp_path / "resnet20_w1a1.test_cifar10.safetensors",
+        {"name": "resnet20_w1a1.test_cifar10", "top1": 10.0, "dataset": "cifar10", "paper_top1": 86.5},
     )
     return tmp_path
 
@@ -31,17 +31,18 @@ def test_zoo_list_info_eval(tmp_path, tiny_zip, monkeypatch, capsys):
     monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(_published(tmp_path)))
     assert zoo_main(["list", "--pretrained"]) == 0
     out = capsys.readouterr().out
-    row = next(line.split() for line in out.splitlines() if line.startswith("resnet20_w1a1.test"))
-    assert row[:4] == ["resnet20_w1a1.test", "w1a1", "cifar10", "10.00"] and row[-1] == "kB"  # bits, not the tag
+    # the bits column comes from the name, not from the tag (which has an underscore here)
+    row = next(line.split() for line in out.splitlines() if line.startswith("resnet20_w1a1.test_cifar10"))
+    assert row[:4] == ["resnet20_w1a1.test_cifar10", "w1a1", "cifar10", "10.00"] and row[-1] == "kB"
     assert zoo_main(["info", "resnet20_w1a1"]) == 0
-    assert json.loads(capsys.readouterr().out)["name"] == "resnet20_w1a1.test"
+    assert json.loads(capsys.readouterr().out)["name"] == "resnet20_w1a1.test_cifar10"
     assert zoo_main(["eval", "resnet20_w1a1", "--data", str(tiny_zip)]) == 0
     out = capsys.readouterr().out
     assert "40 images" in out and "top-1" in out and "(card: 10.0)" in out
 
 
 def test_zoo_eval_updates_a_card_and_reports_bad_names(tmp_path, tiny_zip, capsys):
-    path = _published(tmp_path) / "resnet20_w1a1.test.safetensors"
+    path = _published(tmp_path) / "resnet20_w1a1.test_cifar10.safetensors"
     assert zoo_main(["eval", str(path), "--data", str(tiny_zip), "--update-card"]) == 0
     card = json.loads(path.with_suffix(".json").read_text())
     assert card["test_images"] == 40 and 0 <= card["top1"] <= 100
@@ -96,7 +97,7 @@ def test_python_m_zoo_runs_as_a_module():
 
 
 def test_reestimate_bn_writes_a_new_checkpoint(tmp_path, tiny_zip, capsys):
-    source = _published(tmp_path) / "resnet20_w1a1.test.safetensors"
+    source = _published(tmp_path) / "resnet20_w1a1.test_cifar10.safetensors"
     out = tmp_path / "reestimated.safetensors"
     args = ["reestimate-bn", str(source), "--out", str(out), "--data", str(tiny_zip), "--num-batches", "3"]
     assert zoo_main([*args, "--batch-size", "16", "--eval"]) == 0
@@ -115,7 +116,7 @@ def test_model_table_is_written_into_its_block(tmp_path, monkeypatch, capsys):
     readme.write_text("intro\n<!-- model-table:start -->\nold\n<!-- model-table:end -->\nrest\n")
     assert zoo_main(["table", "--write", str(readme)]) == 0
     text = readme.read_text()
-    assert "old" not in text and "| `resnet20_w1a1.test` | 1/1 |" in text and text.endswith("rest\n")
+    assert "old" not in text and "| `resnet20_w1a1.test_cifar10` | 1/1 |" in text and text.endswith("rest\n")
     readme.write_text("no markers\n")
     assert zoo_main(["table", "--write", str(readme)]) == 2
     assert "<!-- model-table:start -->" in capsys.readouterr().err

@@ -201,7 +201,7 @@ def test_load_with_deploy_and_eval_deploy(tmp_path, tiny_zip, monkeypatch, capsy
 
     monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(_published(tmp_path)))
     model = zoo.load("resnet20_w1a1", deploy=True)
-    assert model.deploy_info["xnor_layers"] == 18 and model.model_card["name"] == "resnet20_w1a1.test"
+    assert model.deploy_info["xnor_layers"] == 18 and model.model_card["name"] == "resnet20_w1a1.test_cifar10"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), zoo.load("resnet20_w1a1")(x), rtol=1e-4, atol=1e-4)
