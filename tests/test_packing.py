@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -82,6 +84,10 @@ def test_tampered_and_truncated_files_are_refused(tmp_path):
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
     save_packed(zoo.create_model("resnet20_w1a1"), tmp_path / "a.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in tmp_path.iterdir():  # the usual mode, not the temporary file's 0600
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p.name
 
 
 def test_registry_finds_cards_and_picks_default(tmp_path, monkeypatch):
