@@ -41,11 +41,21 @@ def test_zoo_list_info_eval(tmp_path, tiny_zip, monkeypatch, capsys):
     assert "40 images" in out and "top-1" in out and "(card: 10.0)" in out
 
 
+def test_cards_name_their_teacher_and_starting_point(tmp_path, monkeypatch):
+    from trainers.callbacks import describe_source
+
+    monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(_published(tmp_path)))
+    assert describe_source("resnet20_w1a1") == "resnet20_w1a1.test_cifar10 (10.0 test top-1)"
+    assert describe_source("resnet56_fp") == "resnet56_fp"  # nothing published: the name as given
+    assert describe_source(str(tmp_path / "mine.safetensors")) == "mine.safetensors"
+
+
 def test_zoo_eval_updates_a_card_and_reports_bad_names(tmp_path, tiny_zip, capsys):
     path = _published(tmp_path) / "resnet20_w1a1.test_cifar10.safetensors"
     assert zoo_main(["eval", str(path), "--data", str(tiny_zip), "--update-card"]) == 0
     card = json.loads(path.with_suffix(".json").read_text())
     assert card["test_images"] == 40 and 0 <= card["top1"] <= 100
+    assert card["test_data"] == f"JPEG files of cifar10 from {tiny_zip.name} (zip)"  # which copy measured it
     assert zoo_main(["eval", str(path), "--data", str(tiny_zip)]) == 0  # card rewritten, sha256 still matches
     capsys.readouterr()
     assert zoo_main(["info", "resnt20_w1a1"]) == 2

@@ -19,6 +19,7 @@ from zoo.data import find_dataset
 from zoo.layers import QUANTIZED_LAYERS
 from zoo.quant import LSQ, TanhEstimator, ede_schedule
 from zoo.quant.oscillation import dampening_grad, dampening_loss, dampening_weight, freeze_threshold
+from zoo.registry import resolve_card
 
 
 class EstimatorSchedule(pl.Callback):
@@ -65,10 +66,23 @@ def _data_fields(datamodule: Any) -> dict[str, Any]:
         fields.update(
             dataset=hp["dataset"],
             data_source=f"{source.path.name} ({source.kind})",
+            data_copy=source.describe(hp["dataset"]),
             input_size=[3, 32, 32],
             val_split=f"{hp.get('val_size')} train images held out (seed {hp.get('split_seed')})",
         )
     return fields
+
+
+def describe_source(source: str) -> str:
+    """A teacher or starting point for a card: the resolved checkpoint name and its test top-1."""
+    if source.endswith((".safetensors", ".ckpt")):
+        return Path(source).name
+    try:
+        card = resolve_card(source)
+    except ValueError:
+        return source
+    top1 = card.get("top1")
+    return f"{card['name']}" + (f" ({top1} test top-1)" if top1 is not None else "")
 
 
 class ExportPacked(pl.Callback):
@@ -128,8 +142,11 @@ class ExportPacked(pl.Callback):
                 best_val = round(100 * float(ckpt.best_model_score), 2)
             selected_epoch = state["epoch"] + 1
         wall = self.wall_seconds + (time.time() - self._start if self._start else 0.0)
+        hparams = getattr(pl_module, "hparams", {})
+        sources = {key: describe_source(str(hparams[key])) for key in ("teacher", "init_from") if hparams.get(key)}
         card = {
             **_data_fields(trainer.datamodule),
+            **sources,
             **self.card,
             "epochs": trainer.current_epoch,  # epochs trained
             "selected_epoch": selected_epoch,  # the epoch whose weights are exported (best on validation)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import list_models, load, model_card
-from .data import DATASETS, evaluate, load_split, normalize
+from .data import DATASETS, evaluate, find_dataset, load_split, normalize
 from .markdown import write_block
 from .packing import _atomic_write, load_packed
 from .registry import _cards, parse_name
@@ -188,7 +188,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print("--update-card needs a .safetensors path, the full test split and no --deploy", file=sys.stderr)
             return 2
         card.update(
-            {"top1": round(result["top1"], 2), "top5": round(result["top5"], 2), "test_images": result["images"]}
+            {
+                "top1": round(result["top1"], 2),
+                "top5": round(result["top5"], 2),
+                "test_images": result["images"],
+                "test_data": find_dataset(args.data, dataset).describe(dataset),
+            }
         )
         _atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
         print(f"wrote top-1 into {card_path}")

@@ -64,10 +64,25 @@ def _kind(path: Path, dataset: str) -> str | None:
     return None
 
 
+IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WebP"}
+
+
 @dataclass(frozen=True)
 class DataSource:
     path: Path
     kind: str  # zip | folder | torchvision
+
+    def describe(self, dataset: str = "cifar10") -> str:
+        """Which copy of the data this is, for model cards (a JPEG copy measures a little lower)."""
+        if self.kind == "torchvision":
+            return f"torchvision's {dataset} release (original pixels) in {self.path}"
+        if self.kind == "zip":
+            with zipfile.ZipFile(self.path) as zf:
+                names = zf.namelist()
+        else:
+            names = [str(p) for p in self.path.glob("test/*/*")]
+        formats = sorted({IMAGE_FORMATS[s] for n in names if (s := Path(n).suffix.lower()) in IMAGE_FORMATS})
+        return f"{'/'.join(formats) or 'image'} files of {dataset} from {self.path.name} ({self.kind})"
 
 
 def find_dataset(root: str | os.PathLike | None = None, dataset: str = "cifar10", download: bool = False) -> DataSource:
