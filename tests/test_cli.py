@@ -130,3 +130,20 @@ def test_model_table_is_written_into_its_block(tmp_path, monkeypatch, capsys):
     readme.write_text("no markers\n")
     assert zoo_main(["table", "--write", str(readme)]) == 2
     assert "<!-- model-table:start -->" in capsys.readouterr().err
+
+
+def test_rerunning_some_rows_keeps_the_other_rows_results():
+    from trainers.reproduce import merge_results
+
+    earlier = [
+        {"preset": "resnet20_w2a2_dorefa", "ablation": None, "top1": 43.6},
+        {"preset": "resnet20_w2a2_joint", "ablation": "lowbit_combined_w2a2", "top1": 1.0},
+        {"preset": "resnet20_w2a2_dorefa", "ablation": "lowbit_stochastic", "top1": 69.1},
+    ]
+    new = [{"preset": "resnet20_w2a2_joint", "ablation": "lowbit_combined_w2a2", "top1": 60.0}]
+    merged = merge_results("lowbit-cifar", earlier, new)
+    assert [(r.get("ablation"), r["top1"]) for r in merged] == [
+        (None, 43.6),
+        ("lowbit_stochastic", 69.1),
+        ("lowbit_combined_w2a2", 60.0),
+    ]  # the table's order, the re-run row replaced

@@ -261,6 +261,16 @@ def run_table(args: argparse.Namespace, out: Path, extra: list[str]) -> list[dic
     return results
 
 
+def _key(result: dict[str, Any]) -> str:
+    return result["preset"] + (f"+{result['ablation']}" if result.get("ablation") else "")
+
+
+def merge_results(table: str, earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``table`` in its order: each from ``new`` where it was re-run, else from ``earlier``."""
+    by_key = {_key(r): r for r in earlier} | {_key(r): r for r in new}
+    return [by_key[row.key] for row in TABLES[table] if row.key in by_key]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainers reproduce", description=__doc__)
     parser.add_argument("table", choices=sorted(TABLES))
@@ -289,10 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         results = [  # labels and paper numbers as the table defines them now
             {**r, "label": rows[key].label, "paper_top1": rows[key].paper_top1()} if key in rows else r
             for r in json.loads(results_file.read_text())
-            for key in [r["preset"] + (f"+{r['ablation']}" if r.get("ablation") else "")]
+            for key in [_key(r)]
         ]
     else:
         results = run_table(args, out, extra)
+        if args.rows and results_file.is_file():  # re-ran some rows: keep the others' results
+            results = merge_results(args.table, json.loads(results_file.read_text()), results)
     overrides = f" + `{' '.join(extra)}`" if extra else ""
     how = "published checkpoints" if args.from_zoo else f"`{args.budget}` presets{overrides}"
     note = (
