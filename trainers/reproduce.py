@@ -163,7 +163,8 @@ def _last_logged(metrics: Path, key: str) -> float | None:
 
 def measure(model, card: dict[str, Any], data: str | None, limit: int | None, bn_reest: bool) -> dict[str, Any]:
     """Test top-1 of a loaded checkpoint (and after BN re-estimation), its card's val top-1 and epochs."""
-    result = {"top1": _test_top1(model, data, limit), "val_top1": card.get("val_top1"), "epochs": card.get("epochs")}
+    epochs = card.get("epochs_total", card.get("epochs"))  # a warm restart counts its earlier run too
+    result = {"top1": _test_top1(model, data, limit), "val_top1": card.get("val_top1"), "epochs": epochs}
     if bn_reest:
         _reestimate_bn(model, data)
         result["top1_bn_reest"] = _test_top1(model, data, limit)
