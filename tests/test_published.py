@@ -9,7 +9,7 @@ import zoo
 from tests.conftest import SHARED_ZIP
 from zoo.data import DATASETS, evaluate, load_split
 from zoo.packing import sha256_file
-from zoo.registry import _cards, checkpoint_dir
+from zoo.registry import _cards, checkpoint_dir, resolve_card
 
 CARDS = _cards()
 NAMES = [card["name"] for card in CARDS]
@@ -44,3 +44,27 @@ def test_published_accuracy_on_a_test_slice_matches_the_card(name):
     info = DATASETS["cifar10"]
     top1 = evaluate(model, images[idx], labels[idx], info["mean"], info["std"])["top1"]
     assert abs(top1 - card["top1"]) < 3.5, f"{name}: {top1:.2f} on 1,000 test images vs card {card['top1']}"
+
+
+# every CIFAR-10 name the zoo advertises has a pretrained checkpoint (the README's model table)
+ADVERTISED_CIFAR10 = [
+    "resnet20_fp",
+    "resnet20_w1a32",
+    "resnet20_w1a1",
+    "resnet20_w4a4",
+    "resnet20_w2a2",
+    "resnet18_fp",
+    "resnet18_w1a1",
+    "vgg_small_w1a1",
+]
+
+
+@pytest.mark.parametrize("name", ADVERTISED_CIFAR10)
+def test_every_advertised_name_has_its_best_checkpoint_as_default(name):
+    card = resolve_card(name)  # raises when nothing is published
+    siblings = [c for c in CARDS if c["name"].split(".")[0] == name]
+    if not any(c.get("default") for c in siblings):
+        assert card["top1"] == max(c["top1"] for c in siblings)
+    assert card["dataset"] == "cifar10" and card["test_images"] == 10000  # measured on the whole test split
+    if card["weight_bits"] == 1:  # packed bits; the real stem / head / BN in float32 bound the ratio
+        assert card["file_bytes"] * 14 < card["float_bytes"]
