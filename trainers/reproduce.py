@@ -35,6 +35,11 @@ from .data import random_crop_flip
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
+def row_key(preset: str, ablation: str | None) -> str:
+    """A row's name in ``--rows`` and in results files: ``preset`` or ``preset+ablation``."""
+    return preset + (f"+{ablation}" if ablation else "")
+
+
 @dataclass(frozen=True)
 class Row:
     label: str
@@ -45,7 +50,7 @@ class Row:
 
     @property
     def key(self) -> str:
-        return self.preset + (f"+{self.ablation}" if self.ablation else "")
+        return row_key(self.preset, self.ablation)
 
     def paper_top1(self) -> float | None:
         return paper_number(self.preset) if self.paper == "preset" else self.paper
@@ -263,7 +268,7 @@ def run_table(args: argparse.Namespace, out: Path, extra: list[str]) -> list[dic
 
 
 def _key(result: dict[str, Any]) -> str:
-    return result["preset"] + (f"+{result['ablation']}" if result.get("ablation") else "")
+    return row_key(result["preset"], result.get("ablation"))
 
 
 def merge_results(table: str, earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
