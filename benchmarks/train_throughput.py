@@ -1,6 +1,6 @@
 """Training-step throughput of quantized vs float models in one run (target: w1a1 >= 0.85 x fp).
 
-    python benchmarks/train_throughput.py [--models resnet20_fp resnet20_w1a1] [--steps 20] [--bf16]
+    python benchmarks/train_throughput.py [--models resnet20_fp resnet20_w1a1] [--steps 20] [--bf16] [--compile]
 
 Each model runs SGD steps (forward, backward, update) on random batches of
 128 CIFAR-sized images; the first steps are warm-up. Models alternate in
@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument(
         "--bf16", action="store_true", help="torch.autocast(cpu, bfloat16), as the presets' precision: bf16-mixed"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile every model (inductor fuses the element-wise chains)"
+    )
     args = parser.parse_args()
     from zoo.quant.estimators import use_kernels
 
@@ -46,7 +49,8 @@ def main() -> None:
     setups = {}
     for name in args.models:
         model = zoo.create_model(name).train()
-        setups[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        setups[name] = (torch.compile(model) if args.compile else model, opt)
 
     def step(name: str) -> None:
         model, opt = setups[name]
@@ -71,6 +75,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, {kernels} kernels"
         + (", bf16 autocast" if args.bf16 else "")
+        + (", torch.compile" if args.compile else "")
     )
     print(f"{'model':20s} {'images/s':>10s} {'ratio':>7s}")
     for name in args.models:

@@ -120,6 +120,27 @@ def test_reestimate_bn_writes_a_new_checkpoint(tmp_path, tiny_zip, capsys):
     assert torch.equal(before.layer1[0].conv1.weight, after.layer1[0].conv1.weight)
 
 
+def test_repack_rewrites_in_place_and_drops_stale_measurements(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = zoo.create_model("resnet20_w1a1").eval()
+    path = tmp_path / "m.safetensors"
+    zoo.save_packed(model, path, {"top1": 50.0, "test_images": 10000, "method": "mine"}, real_dtype="float32")
+    float32_bytes = path.stat().st_size
+    x = torch.randn(2, 3, 32, 32)
+    assert zoo_main(["repack", str(path), "--real-dtype", "float32"]) == 0  # same logits: measurements kept
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["top1"] == 50.0 and card["method"] == "mine"
+    with torch.no_grad():
+        assert torch.equal(zoo.load_packed(path)(x), model(x))
+    assert zoo_main(["repack", str(path)]) == 0  # default for a binary model: float16 real parameters
+    assert "re-measure with python -m zoo eval" in capsys.readouterr().out
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["real_dtype"] == "float16" and card["method"] == "mine"
+    assert "top1" not in card and "test_images" not in card
+    assert card["file_bytes"] == path.stat().st_size < float32_bytes
+    assert zoo_main(["repack", str(path), str(path), "--out", str(tmp_path / "x.safetensors")]) == 2
+
+
 def test_model_table_is_written_into_its_block(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(_published(tmp_path / "ckpts")))
     readme = tmp_path / "README.md"

@@ -11,6 +11,7 @@ import torch
 
 import zoo
 from tests.test_models import _train_a_little
+from zoo import packing
 from zoo.packing import CheckpointError, load_packed, save_packed
 
 
@@ -33,7 +34,7 @@ def test_round_trip_gives_equal_logits(tmp_path, name, quantizers):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         before = model(x)
-    card = save_packed(model, tmp_path / "m.safetensors", {"top1": 12.5})
+    card = save_packed(model, tmp_path / "m.safetensors", {"top1": 12.5}, real_dtype="float32")
     loaded = load_packed(tmp_path / "m.safetensors")
     assert not loaded.training
     with torch.no_grad():
@@ -57,12 +58,98 @@ def test_loaded_model_fine_tunes_from_decoded_weights(tmp_path):
     assert not torch.equal(layer.weight.detach(), decoded)
 
 
-def test_binary_resnet18_is_under_a_twentieth_of_float(tmp_path):
-    model = zoo.create_model("resnet18_w1a1")
-    card = save_packed(model, tmp_path / "r18.safetensors")
+@pytest.mark.parametrize("name", ["resnet20_w1a1", "resnet20_w1a32", "resnet18_w1a1", "vgg_small_w1a1"])
+def test_binary_files_are_well_under_a_twentieth_of_float(tmp_path, name):
+    model = zoo.create_model(name)
+    card = save_packed(model, tmp_path / "m.safetensors")
     float_bytes = sum(v.numel() * 4 for v in model.state_dict().values())
-    assert card["file_bytes"] < float_bytes / 20, (card["file_bytes"], float_bytes)
-    assert card["binary_params"] > 10_000_000
+    assert card["real_dtype"] == "float16" and card["float_bytes"] == float_bytes
+    assert card["file_bytes"] < float_bytes / 22, (card["file_bytes"], float_bytes)
+    assert card["binary_params"] > 0.9 * card["params"] if name.startswith("resnet20") else card["binary_params"]
+
+
+def test_float16_real_parts_round_parameters_and_keep_statistics(tmp_path):
+    """float16 storage: every real parameter comes back as its float16 rounding, buffers exactly."""
+    torch.manual_seed(0)
+    model = _train_a_little(zoo.create_model("resnet20_w4a4"))
+    model.head_bn.running_var.fill_(1e5)  # beyond float16's range: statistics stay float32
+    save_packed(model, tmp_path / "m.safetensors")
+    loaded = load_packed(tmp_path / "m.safetensors")
+    params = {name for name, _ in model.named_parameters()}
+    packed = {f"{name}.weight" for name, m in model.named_modules() if getattr(m, "weight_bits", 32) < 32}
+    for key, value in model.state_dict().items():
+        if key in packed:
+            continue
+        expected = value.half().float() if key in params and value.is_floating_point() else value
+        assert torch.equal(loaded.state_dict()[key], expected), key
+    assert float(loaded.head_bn.running_var[0]) == 1e5
+    with pytest.raises(ValueError, match="overflows torch.float16"):
+        with torch.no_grad():
+            model.fc.weight[0, 0] = 1e6
+        save_packed(model, tmp_path / "big.safetensors")
+    with pytest.raises(ValueError, match="real_dtype must be one of float32, float16, bfloat16"):
+        save_packed(model, tmp_path / "m.safetensors", real_dtype="int8")
+
+
+def test_resaving_a_loaded_checkpoint_keeps_its_codes_and_scales(tmp_path):
+    """A loaded IMB layer re-packs to what it was decoded from: re-encoding the decoded weight
+    (+-0.125) would re-standardize it and come back with scale 1."""
+    torch.manual_seed(0)
+    model = zoo.create_model("resnet20_w1a32")
+    with torch.no_grad():  # a heavy-tailed channel: mean |w_hat| = 0.12, so its IMB scale is 2**-3
+        w = model.layer1[0].conv1.weight
+        w[0] = torch.randn_like(w[0]) * 1e-3
+        w[0, 0, 0, :2] = torch.tensor([1.0, -1.0])
+        w_hat = (w[0] - w[0].mean()) / w[0].std()
+        assert 0.09 < w_hat.abs().mean() < 0.17
+    model.eval()
+    first = tmp_path / "first.safetensors"
+    save_packed(model, first, real_dtype="float32")
+    loaded = load_packed(first)
+    assert torch.equal(loaded.layer1[0].conv1.weight[0].abs().unique(), torch.tensor([0.125]))
+    second = tmp_path / "second.safetensors"
+    save_packed(loaded, second, real_dtype="float32")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_packed(second)(x), model(x))
+    from safetensors.torch import load_file
+
+    blobs, again = load_file(first), load_file(second)  # (header order may differ: safetensors hashes it)
+    assert blobs.keys() == again.keys() and all(torch.equal(blobs[k], again[k]) for k in blobs)
+
+
+def test_zoo_packed_1_files_still_load(tmp_path):
+    """The first format: one safetensors entry per tensor, float32, codes under ``<layer>.weight.codes``."""
+    from safetensors.torch import save_file
+
+    from zoo.packing import pack_codes
+
+    torch.manual_seed(0)
+    model = _train_a_little(zoo.create_model("resnet20_w1a1"))
+    tensors, layout = {}, {}
+    for key, value in model.state_dict().items():
+        module = model.get_submodule(key.rsplit(".", 1)[0])
+        if key.endswith(".weight") and getattr(module, "weight_bits", 32) == 1:
+            u, scale = module.weight_quantizer.signed_input_and_scale(value)
+            tensors[f"{key}.codes"] = pack_codes((u >= 0).to(torch.uint8), 1)
+            tensors[f"{key}.scale"] = scale.contiguous()
+            layout[key] = {"bits": 1, "shape": list(value.shape), "params": ["scale"]}
+        else:
+            tensors[key] = value.contiguous()
+    metadata = {"format": "zoo-packed/1", "config": json.dumps(model.zoo_config), "layout": json.dumps(layout)}
+    save_file(tensors, tmp_path / "v1.safetensors", metadata=metadata)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "v1.safetensors")(x), model(x))
+
+
+def test_a_file_for_a_different_architecture_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    save_packed(zoo.create_model("resnet20_w1a1"), path)
+    real_entries = packing._entries  # this version's model lost its first tensor
+    monkeypatch.setattr(packing, "_entries", lambda m: (real_entries(m)[0][1:], real_entries(m)[1]))
+    with pytest.raises(CheckpointError, match="whose tensors differ from the one this version builds"):
+        load_packed(path)
 
 
 def test_tampered_and_truncated_files_are_refused(tmp_path):

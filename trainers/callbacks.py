@@ -93,13 +93,15 @@ class ExportPacked(pl.Callback):
     filled in later by a separate evaluation of the exported file
     (``python -m zoo eval FILE --update-card``). A relative ``path`` is taken
     under ``$ZOO_EXPORT_DIR`` when set (table reproduction exports there, not
-    over the published checkpoints).
+    over the published checkpoints). ``real_dtype`` is :func:`zoo.save_packed`'s
+    (default: float16 for quantized models, float32 for float ones).
     """
 
-    def __init__(self, path: str, card: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str, card: dict[str, Any] | None = None, real_dtype: str | None = None) -> None:
         export_dir = os.environ.get("ZOO_EXPORT_DIR")
         self.path = str(Path(export_dir) / Path(path).name) if export_dir and not Path(path).is_absolute() else path
         self.card = dict(card or {})
+        self.real_dtype = real_dtype
         self.wall_seconds = 0.0
         self._start = None
 
@@ -169,7 +171,7 @@ class ExportPacked(pl.Callback):
             stem, base = path.name.removesuffix(".safetensors"), models[role].zoo_config["name"]
             if stem.startswith(base + "."):  # <name>.<tag>.safetensors: the card is the tagged name
                 role_card["name"] = stem
-            out = zoo.save_packed(models[role].cpu(), path, role_card)
+            out = zoo.save_packed(models[role].cpu(), path, role_card, self.real_dtype)
             rank_zero_info(f"exported {out['file']} ({out['file_bytes']} bytes), card {path.with_suffix('.json')}")
 
 

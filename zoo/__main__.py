@@ -92,6 +92,37 @@ def _load_any(name: str):
     return model, model.model_card, None
 
 
+FILE_FIELDS = ("file", "sha256", "file_bytes", "library_version", "torch_version", "real_dtype")
+MEASURED_FIELDS = ("top1", "top5", "test_images", "test_data")
+
+
+def _carried_fields(card: dict, measured: bool) -> dict:
+    """The fields of ``card`` a re-written file keeps: not those describing the old file, and its
+    test measurements only if ``measured`` (the logits are unchanged)."""
+    drop = FILE_FIELDS + (() if measured else MEASURED_FIELDS)
+    return {k: v for k, v in card.items() if k not in drop}
+
+
+def cmd_repack(args: argparse.Namespace) -> int:
+    from .packing import real_dtype_for, save_packed
+
+    if args.out and len(args.files) > 1:
+        print("--out takes one FILE; without it each file is re-written in place", file=sys.stderr)
+        return 2
+    for name in args.files:
+        model, card, _ = _load_any(name)
+        real_dtype = str(real_dtype_for(model, args.real_dtype)).removeprefix("torch.")
+        same_logits = real_dtype == card.get("real_dtype", "float32")  # zoo-packed/1 files are float32
+        out = save_packed(model, args.out or name, _carried_fields(card, measured=same_logits), real_dtype)
+        print(
+            f"wrote {args.out or name} ({_size(card.get('file_bytes'))} -> {_size(out['file_bytes'])}, "
+            f"{real_dtype} real parameters)"
+        )
+        if not same_logits and card.get("top1") is not None:
+            print(f"  its logits changed: re-measure with python -m zoo eval {args.out or name} --update-card")
+    return 0
+
+
 def cmd_reestimate_bn(args: argparse.Namespace) -> int:
     import torch
 
@@ -108,7 +139,7 @@ def cmd_reestimate_bn(args: argparse.Namespace) -> int:
         for i in range(0, args.num_batches * args.batch_size, args.batch_size)
     )
     used = reestimate_bn(model, batches, args.num_batches)
-    fields = {k: v for k, v in card.items() if k not in ("file", "sha256", "file_bytes", "top1", "top5")}
+    fields = _carried_fields(card, measured=False)
     fields["bn_reestimation"] = f"{used} batches of {args.batch_size} training images (seed {args.seed})"
     out = save_packed(model, args.out, fields)
     print(f"re-estimated BatchNorm statistics from {used} batches; wrote {args.out} ({_size(out['file_bytes'])})")
@@ -244,6 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     p.add_argument("--write", nargs="*", default=[], metavar="MD", help="put the summary table into these files")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("repack", help="re-write packed checkpoints in the current format (in place, card kept)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="packed .safetensors files")
+    p.add_argument("--out", default=None, help="write here instead of in place (one FILE only)")
+    p.add_argument(
+        "--real-dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="storage of the real parameters (default: float16 for quantized models, float32 for float ones)",
+    )
+    p.set_defaults(func=cmd_repack)
+
     p = sub.add_parser("reestimate-bn", help="re-estimate BatchNorm statistics and write a new packed checkpoint")
     p.add_argument("name", help="zoo name or packed .safetensors file")
     p.add_argument("--out", required=True, help="the new .safetensors file (its card is written beside it)")

@@ -1,13 +1,17 @@
 """Packed, safe checkpoints: safetensors with quantized weights stored as bit-packed codes.
 
-A quantized layer's weight is stored as ``<layer>.weight.codes`` (uint8, ``bits``
-bits per weight, little-endian within each byte) plus the quantizer's float
-parameters ``<layer>.weight.<param>`` (the per-channel scale of binary weights,
-the LSQ step). Everything else is stored as is (float32 for float tensors).
-The model's config and the layout of each packed tensor travel in the
-safetensors metadata, so :func:`load_packed` needs nothing but the file.
-Decoding gives exactly the weights the exported model computed with, so the
-logits are equal.
+Format ``zoo-packed/2``: a quantized layer's weight is stored as its integer
+codes, ``bits`` bits per weight (little-endian within each byte), plus the
+quantizer's parameters (the per-channel scale of binary weights, the LSQ
+step); everything else (BatchNorm, real first/last layers, activation
+steps) as floats in ``real_dtype``, buffers in their own dtype. The file holds one flat tensor per kind
+(``codes``, ``real``, ``int64``) in the order of the model's state dict; the
+model's config, the layout of the packed layers and a signature of the
+tensor names and shapes travel in the safetensors metadata, so
+:func:`load_packed` needs nothing but the file. Decoding gives exactly the
+weights the exported model computed with; with ``real_dtype=float32`` the
+logits are equal. ``zoo-packed/1`` files (one safetensors entry per tensor,
+float32) still load.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from torch import Tensor, nn
 from .layers import QUANTIZED_LAYERS
 from .quant import WeightQuantizer
 
-FORMAT = "zoo-packed/1"
+FORMAT = "zoo-packed/2"
+READABLE_FORMATS = ("zoo-packed/1", FORMAT)
 
 
 class CheckpointError(ValueError):
@@ -95,30 +100,106 @@ def model_stats(model: nn.Module) -> dict[str, int]:
     return {"params": sum(p.numel() for p in model.parameters()), "binary_params": binary}
 
 
-def packed_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors of a packed checkpoint and the per-tensor layout."""
+def _checkpoint_state(model: nn.Module) -> dict[str, Tensor]:
     # training-only state (oscillation statistics) is not part of an inference checkpoint
-    state = {k: v.detach() for k, v in model.state_dict().items() if ".oscillation." not in k}
+    return {k: v.detach() for k, v in model.state_dict().items() if ".oscillation." not in k}
+
+
+def _entries(model: nn.Module) -> tuple[list[tuple[str, Tensor, str]], dict[str, Any]]:
+    """What a packed file stores, in storage order: ``(name, tensor, kind)`` and the packed layers' layout.
+
+    A packed layer's weight becomes its codes (kind ``codes``) and the
+    quantizer's parameters (``<key>.<param>``, kind ``real``); other floating
+    parameters are ``real``; buffers (BatchNorm statistics, counters) keep
+    their dtype as kind: running variances of binary networks exceed float16.
+    """
+    state = _checkpoint_state(model)
+    packed = {f"{name}.weight": layer for name, layer in _packed_layers(model)}
+    parameters = {name for name, _ in model.named_parameters()}
+    entries: list[tuple[str, Tensor, str]] = []
     layout: dict[str, Any] = {}
-    for name, layer in _packed_layers(model):
-        key = f"{name}.weight"
-        codes, params = layer.weight_quantizer.encode(layer.weight.detach())
-        bits = layer.weight_bits
-        del state[key]
-        state[f"{key}.codes"] = pack_codes(codes, bits)
-        for pname, value in params.items():
-            state[f"{key}.{pname}"] = value
-        layout[key] = {"bits": bits, "shape": list(codes.shape), "params": sorted(params)}
-    tensors = {k: (v.float() if v.is_floating_point() else v).contiguous().cpu() for k, v in state.items()}
-    return tensors, layout
+    for key, value in state.items():
+        layer = packed.get(key)
+        if layer is None:
+            real = key in parameters and value.is_floating_point()
+            entries.append((key, value, "real" if real else str(value.dtype).removeprefix("torch.")))
+            continue
+        quantizer = layer.weight_quantizer
+        codes, params = quantizer.pinned_encoding(value) or quantizer.encode(value)
+        entries.append((f"{key}.codes", codes, "codes"))
+        entries += [(f"{key}.{p}", params[p].detach(), "real") for p in sorted(params)]
+        layout[key] = {"bits": layer.weight_bits, "shape": list(codes.shape), "params": sorted(params)}
+    return entries, layout
 
 
-def save_packed(model: nn.Module, path: str | os.PathLike, card: dict[str, Any] | None = None) -> dict[str, Any]:
+def _signature(entries: list[tuple[str, Tensor, str]]) -> str:
+    """sha256 of the (name, shape, kind) sequence: a file's blobs only fit a model with the same one."""
+    listing = [[name, list(t.shape), kind] for name, t, kind in entries]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def packed_tensors(
+    model: nn.Module, real_dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors of a packed checkpoint (one flat blob per kind) and its metadata.
+
+    ``codes``: every packed layer's codes, ``bits`` per weight, each layer
+    starting on a byte; ``real``: every floating parameter in ``real_dtype``;
+    one blob per buffer dtype (``float32`` statistics, ``int64`` counters). The tensors'
+    names and shapes are not stored: they are those of the model the config
+    builds, checked by the signature. One blob per kind keeps the header a few
+    hundred bytes, where per-tensor entries cost ~100 bytes each (a fifth of a
+    binary ResNet-20's file).
+    """
+    entries, layout = _entries(model)
+    blobs: dict[str, list[Tensor]] = {}
+    for key, tensor, kind in entries:
+        if kind == "codes":
+            blobs.setdefault("codes", []).append(pack_codes(tensor, layout[key.removesuffix(".codes")]["bits"]))
+        elif kind == "real":
+            real = tensor.to(real_dtype)
+            if not torch.isfinite(real).all() and torch.isfinite(tensor).all():
+                raise ValueError(f"{key} overflows {real_dtype}; save with real_dtype=torch.float32")
+            blobs.setdefault("real", []).append(real.reshape(-1))
+        else:
+            blobs.setdefault(kind, []).append(tensor.reshape(-1))
+    tensors = {kind: torch.cat(parts).contiguous().cpu() for kind, parts in blobs.items()}
+    metadata = {"layout": json.dumps(layout), "signature": _signature(entries)}
+    return tensors, metadata
+
+
+REAL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def real_dtype_for(model: nn.Module, requested: torch.dtype | str | None = None) -> torch.dtype:
+    """The storage dtype of a packed file's real parameters: ``requested``, or by default float16
+    for a model with packed (quantized) layers and float32 for a float model."""
+    if requested is None:
+        return torch.float16 if any(True for _ in _packed_layers(model)) else torch.float32
+    if isinstance(requested, torch.dtype) and requested in REAL_DTYPES.values():
+        return requested
+    if isinstance(requested, str) and requested.removeprefix("torch.") in REAL_DTYPES:
+        return REAL_DTYPES[requested.removeprefix("torch.")]
+    raise ValueError(f"real_dtype must be one of {', '.join(REAL_DTYPES)}, got {requested!r}")
+
+
+def save_packed(
+    model: nn.Module,
+    path: str | os.PathLike,
+    card: dict[str, Any] | None = None,
+    real_dtype: torch.dtype | str | None = None,
+) -> dict[str, Any]:
     """Write ``model`` as a packed safetensors file and its model card (``.json``) beside it.
 
-    The card gets the model's config, sizes, the file's sha256 and the library
-    version; ``card`` adds or overrides fields (top1, method, preset, ...).
-    Both files are written atomically. Returns the card.
+    ``real_dtype`` stores the parameters that are not packed codes (BatchNorm
+    affine, scales and steps, the real first/last layers and downsampling
+    convolutions; BatchNorm statistics stay float32): ``float32`` keeps the
+    logits bit-exact; ``float16`` (the default for quantized models) halves
+    them, which keeps a binary model's file well under 1/20 of its float
+    size, at logit differences of ~1e-3 (the card's top-1 is measured on the
+    file). The card gets the model's config, sizes, the file's sha256 and the
+    library version; ``card`` adds or overrides fields (top1, method, preset,
+    ...). Both files are written atomically. Returns the card.
     """
     from . import __version__
 
@@ -128,8 +209,9 @@ def save_packed(model: nn.Module, path: str | os.PathLike, card: dict[str, Any] 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"packed checkpoints are .safetensors files, got {path.name!r}")
-    tensors, layout = packed_tensors(model)
-    metadata = {"format": FORMAT, "config": json.dumps(config), "layout": json.dumps(layout)}
+    real_dtype = real_dtype_for(model, real_dtype)
+    tensors, metadata = packed_tensors(model, real_dtype)
+    metadata = {"format": FORMAT, "config": json.dumps(config), "library_version": __version__, **metadata}
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     info = {
         "name": config["name"],
@@ -139,13 +221,15 @@ def save_packed(model: nn.Module, path: str | os.PathLike, card: dict[str, Any] 
         "num_classes": config["num_classes"],
         "quantizers": {"weight": config["weight_quantizer"], "act": config["act_quantizer"]},
         **model_stats(model),
-        "float_bytes": 4 * sum(v.numel() for k, v in model.state_dict().items() if ".oscillation." not in k),
+        "float_bytes": 4 * sum(v.numel() for v in _checkpoint_state(model).values()),
+        "real_dtype": str(real_dtype).removeprefix("torch."),
         "library_version": __version__,
         "torch_version": torch.__version__,
         "trained_on": {"hardware": f"{platform.machine()} CPU x{os.cpu_count()}"},
     }
     full = {**info, **(card or {})}
     full.update({"file": path.name, "sha256": sha256_file(path), "file_bytes": path.stat().st_size})
+    full["real_dtype"] = info["real_dtype"]  # describes this file, whatever an earlier card said
     card_path = path.with_suffix(".json")
     _atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(full, indent=2) + "\n"))
     return full
@@ -180,25 +264,61 @@ def load_packed(path: str | os.PathLike, sha256: str | None = None, map_location
         state = load_file(str(path), device=map_location)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({err})") from None
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") not in READABLE_FORMATS:
         raise CheckpointError(
             f"{path} is not a zoo packed checkpoint (format {metadata.get('format')!r}, want {FORMAT!r})"
         )
     model = model_from_config(json.loads(metadata["config"]))
     layout = json.loads(metadata["layout"])
     layers = dict(_packed_layers(model))
-    decoded: dict[str, Tensor] = {}
     for key, spec in layout.items():
         layer = layers.get(key.removesuffix(".weight"))
         if layer is None or layer.weight_bits != spec["bits"]:
             raise CheckpointError(f"{path}: packed tensor {key} does not match the model its config builds")
-        codes = unpack_codes(state.pop(f"{key}.codes"), spec["bits"], spec["shape"])
+    blobbed = metadata["format"] == FORMAT
+    if blobbed:
+        state = _unblob(path, model, state, metadata)
+    decoded, encodings = {}, {}
+    for key, spec in layout.items():
+        codes = state.pop(f"{key}.codes")
+        if not blobbed:  # zoo-packed/1: each layer's packed bytes under its own name
+            codes = unpack_codes(codes, spec["bits"], spec["shape"])
         params = {p: state.pop(f"{key}.{p}") for p in spec["params"]}
-        decoded[key] = layer.weight_quantizer.decode(codes, params)
+        encodings[key] = codes, params
+        decoded[key] = layers[key.removesuffix(".weight")].weight_quantizer.decode(codes, params)
     missing, unexpected = model.load_state_dict({**state, **decoded}, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors missing {missing[:5]} or unexpected {unexpected[:5]}")
     model.to(map_location).eval()
-    for layer in layers.values():
-        layer.weight_quantizer.pin(layer.weight)
+    for key, (codes, params) in encodings.items():
+        layer = layers[key.removesuffix(".weight")]
+        layer.weight_quantizer.pin(layer.weight, codes, params)
     return model
+
+
+def _unblob(path: Path, model: nn.Module, blobs: dict[str, Tensor], metadata: dict[str, str]) -> dict[str, Tensor]:
+    """Cut a zoo-packed/2 file's blobs into the named tensors of ``model`` (codes unpacked to integers)."""
+    entries, layout = _entries(model)
+    if _signature(entries) != metadata.get("signature"):
+        raise CheckpointError(
+            f"{path} was written by zoo {metadata.get('library_version', '?')} for a {model.zoo_config['name']} "
+            "whose tensors differ from the one this version builds; load it with that version, or re-export it"
+        )
+    offsets = dict.fromkeys(blobs, 0)
+    state: dict[str, Tensor] = {}
+    for name, like, kind in entries:
+        numel = like.numel()
+        if kind == "codes":
+            bits = layout[name.removesuffix(".codes")]["bits"]
+            numel = -(-numel * bits // 8)
+        start, offsets[kind] = offsets.get(kind, 0), offsets.get(kind, 0) + numel
+        if kind not in blobs or offsets[kind] > blobs[kind].numel():
+            raise CheckpointError(f"{path}: blob {kind!r} is too short for {name}")
+        chunk = blobs[kind][start : offsets[kind]]
+        if kind == "codes":
+            state[name] = unpack_codes(chunk, bits, like.shape).to(like.dtype)
+        else:
+            state[name] = chunk.reshape(like.shape).to(like.dtype)
+    if any(offsets[kind] != blob.numel() for kind, blob in blobs.items()):
+        raise CheckpointError(f"{path}: blobs hold more values than the model's tensors")
+    return state

@@ -112,14 +112,17 @@ class WeightQuantizer(Quantizer):
     weight and the quantizer is *pinned* to it: in eval mode it returns that
     tensor unchanged (exact logits), until the weight is modified or the
     quantizer goes back to training mode, from then on it quantizes the latent
-    weight again (fine-tuning starts from the decoded weights).
+    weight again (fine-tuning starts from the decoded weights). While pinned,
+    the weight re-packs to the codes and parameters it was decoded from
+    (:meth:`pinned_encoding`): encoding a decoded weight need not give them
+    back (IMB re-standardizes it, so a scale of 0.5 would come back as 1).
     """
 
     channel_dim = 0  # output channels of conv and linear weights
 
     def __init__(self, bits: int) -> None:
         super().__init__(bits)
-        self._pinned: tuple[Tensor, int] | None = None
+        self._pinned: tuple[Tensor, int, Tensor, dict[str, Tensor]] | None = None
 
     def quantize(self, w: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -130,13 +133,22 @@ class WeightQuantizer(Quantizer):
     def decode(self, codes: Tensor, params: dict[str, Tensor]) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def pin(self, weight: Tensor) -> None:
-        """Return ``weight`` as is in eval mode while it is unmodified (see class doc)."""
-        self._pinned = (weight, weight._version)
+    def pin(self, weight: Tensor, codes: Tensor, params: dict[str, Tensor]) -> None:
+        """Return ``weight`` (decoded from ``codes`` and ``params``) as is in eval mode while it is
+        unmodified (see class doc)."""
+        self._pinned = (weight, weight._version, codes, params)
+
+    def pinned_encoding(self, w: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """The codes and parameters the pinned weight was decoded from, if ``w`` is that weight, unmodified."""
+        if self._pinned is None:
+            return None
+        pinned, version, codes, params = self._pinned
+        same = w.data_ptr() == pinned.data_ptr() and w.shape == pinned.shape and w._version == version
+        return (codes, params) if same else None
 
     def forward(self, w: Tensor) -> Tensor:
         if self._pinned is not None:
-            pinned, version = self._pinned
+            pinned, version = self._pinned[:2]
             if not self.training and pinned is w and w._version == version:
                 return w
             self._pinned = None
