@@ -83,7 +83,7 @@ def test_float16_real_parts_round_parameters_and_keep_statistics(tmp_path):
         expected = value.half().float() if key in params and value.is_floating_point() else value
         assert torch.equal(loaded.state_dict()[key], expected), key
     assert float(loaded.head_bn.running_var[0]) == 1e5
-    with pytest.raises(ValueError, match="overflows torch.float16"):
+    with pytest.raises(ValueError, match=r"overflows torch\.float16"):
         with torch.no_grad():
             model.fc.weight[0, 0] = 1e6
         save_packed(model, tmp_path / "big.safetensors")
