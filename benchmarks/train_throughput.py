@@ -29,9 +29,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
         "--kernels",
-        default="eager",
+        default="cpp",
         choices=["eager", "compiled", "cpp"],
-        help="zoo.quant.estimators.use_kernels(): how the sign quantizers' element-wise passes run",
+        help="zoo.quant.estimators.use_kernels(): how the sign quantizers' element-wise passes run "
+        "(cpp, the presets' quantizer_kernels, falls back to eager where it cannot be built)",
     )
     parser.add_argument(
         "--bf16", action="store_true", help="torch.autocast(cpu, bfloat16), as the presets' precision: bf16-mixed"

@@ -312,3 +312,90 @@ def test_cpp_kernels_match_eager_in_quantizers(estimator):
     assert torch.equal(fused[0], eager[0]) and torch.equal(fused[2], eager[2])
     torch.testing.assert_close(fused[1], eager[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused[3], eager[3], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kernels", ["eager", pytest.param("cpp", marks=pytest.mark.skipif(not kernels_available("sign"), reason="no C++"))]
+)
+@pytest.mark.parametrize("distribution_aware", [True, False])
+def test_fused_hardtanh_sign_against_independent_formulas(kernels, distribution_aware):
+    """``out = hardtanh(x)``, ``s = sign(out)``; d/dx of ``<g_out, out> + <g_s, s>`` is
+    ``(g_out + g_s * k t / sigma * (1 - tanh(t out / sigma)^2)) * (|x| < 1)``, here in float64."""
+    from zoo.quant import estimators
+
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(5, 7, 9, 11, generator=gen) * 1.5).requires_grad_()
+    g_out, g_s = torch.randn(x.shape, generator=gen), torch.randn(x.shape, generator=gen)
+    est = TanhEstimator(t=2.5, distribution_aware=distribution_aware)
+    assert estimators.use_kernels(kernels) == kernels
+    try:
+        out, s = estimators.hardtanh_sign(x, est, 1)
+        ((out * g_out).sum() + (s * g_s).sum()).backward()
+    finally:
+        estimators.use_kernels("eager")
+    xd = x.detach().double()
+    clamped = xd.clamp(-1, 1)
+    assert torch.equal(out.detach().double(), clamped) and torch.equal(s, torch.where(x >= 0, 1.0, -1.0))
+    sigma = clamped.std(dim=(0, 2, 3), keepdim=True) if distribution_aware else torch.ones(())
+    slope = 2.5 / sigma  # k = max(1/t, 1) = 1
+    expected = (g_out.double() + g_s.double() * slope * (1 - torch.tanh(slope * clamped) ** 2)) * (xd.abs() < 1)
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kernels", ["eager", pytest.param("cpp", marks=pytest.mark.skipif(not kernels_available("sign"), reason="no C++"))]
+)
+def test_binary_resnet_hands_fused_signs_to_its_convs(kernels, monkeypatch):
+    """The model's hardtanhs compute their consumers' signs (18 in a ResNet-20), and the gradients
+    equal those of the same model with the links cut (each conv then takes its own sign)."""
+    import copy
+
+    import zoo
+    from zoo import layers
+    from zoo.quant import estimators
+
+    torch.manual_seed(0)
+    model = zoo.create_model("resnet20_w1a1").train()
+    unlinked = copy.deepcopy(model)
+    assert model.layer1[0].act1._consumer[0] is model.layer1[0].conv2  # deepcopy kept the links, to the copy
+    assert unlinked.layer1[0].act1._consumer[0] is unlinked.layer1[0].conv2
+    for module in unlinked.modules():
+        if isinstance(module, layers.HardtanhSign):
+            module.feeds(None)
+    calls = []
+    fused = layers.hardtanh_sign
+    monkeypatch.setattr(layers, "hardtanh_sign", lambda *a: calls.append(1) or fused(*a))
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    estimators.use_kernels(kernels)
+    try:
+        grads = []
+        for m in (model, unlinked):
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            grads.append([p.grad for p in m.parameters()])
+    finally:
+        estimators.use_kernels("eager")
+    assert len(calls) == 18  # 1 stem + 2 per block feed a binary conv; the last act2 feeds the head
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(getattr(m, "_input_sign", None) is None for m in model.modules())  # every handed sign was used
+
+
+def test_a_handed_sign_is_only_used_for_its_own_tensor():
+    import copy
+
+    from zoo.layers import HardtanhSign, QConv2d
+    from zoo.quant import RSign
+
+    conv = QConv2d(3, 4, 3, padding=1, input_quantizer=Sign(estimator="dte"))
+    twin = copy.deepcopy(conv)  # never handed anything
+    act = HardtanhSign()
+    act.feeds(conv)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    out = act(x)
+    assert conv._input_sign is not None and conv._input_sign[0] is out
+    other = torch.randn(2, 3, 6, 6) * 0.1  # a different input: the conv takes its own sign of it
+    assert torch.equal(conv(other), twin(other))
+    assert conv._input_sign is None  # a stale hand-over is dropped
+    conv.input_quantizer = RSign(channels=3)  # not a plain sign: no hand-over at all
+    act(x)
+    assert conv._input_sign is None

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .quant import Identity, Quantizer
+from .quant import Identity, Quantizer, Sign
+from .quant.estimators import TanhEstimator, hardtanh_sign
 
 
 class _QuantizedMixin:
@@ -34,7 +35,24 @@ class _QuantizedMixin:
         return self.weight_quantizer(self.weight) if use else self.weight
 
     def quantized_input(self, x: Tensor) -> Tensor:
+        handed, self._input_sign = self._input_sign, None
+        if handed is not None and handed[0] is x and self.fused_sign_estimator() is not None:
+            return handed[1]  # computed with x by the HardtanhSign before this layer
         return self.input_quantizer(x) if self.quantize and self.input_quantizer.enabled else x
+
+    _input_sign: tuple[Tensor, Tensor] | None = None
+
+    def fused_sign_estimator(self) -> TanhEstimator | None:
+        """The tanh estimator (EDE/DTE) of this layer's plain ``Sign`` input quantizer, if it is on:
+        then the :class:`HardtanhSign` before the layer may compute the sign for it."""
+        q = self.input_quantizer
+        if self.quantize and q.enabled and type(q) is Sign and isinstance(q.estimator, TanhEstimator):
+            return q.estimator
+        return None
+
+    def take_input_sign(self, x: Tensor, values: Tensor) -> None:
+        """``values = sign(x)`` (with this layer's estimator) for the next call with input ``x``."""
+        self._input_sign = (x, values)
 
     def set_quantized(self, weight: bool = True, inputs: bool = True) -> None:
         """Switch weight and input quantization on or off (the latent tensors are kept)."""
@@ -125,6 +143,34 @@ class QLinear(_QuantizedMixin, nn.Linear):
 
 
 QUANTIZED_LAYERS = (QConv2d, QLinear)
+
+
+class HardtanhSign(nn.Hardtanh):
+    """``hardtanh(x)`` (-1, 1) that, in training, also computes the sign its binary consumer takes
+    of the output, in one fused pass forward and backward (:func:`zoo.quant.estimators.hardtanh_sign`).
+
+    The model links it to the layer its output feeds (:meth:`feeds`); that layer uses the handed
+    sign only when its input *is* this output and its quantizer is a plain ``Sign`` with EDE/DTE,
+    and quantizes its input itself otherwise, so values and gradients are those of the unfused ops.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(-1.0, 1.0)
+        self._consumer: list[nn.Module] = []  # a list: not a submodule (no second path to its state)
+
+    def feeds(self, layer: nn.Module) -> None:
+        self._consumer = [layer] if isinstance(layer, QUANTIZED_LAYERS) else []
+
+    def forward(self, x: Tensor) -> Tensor:
+        layer = self._consumer[0] if self._consumer else None
+        if layer is None or not (self.training and torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        estimator = layer.fused_sign_estimator()
+        if estimator is None:
+            return super().forward(x)
+        out, values = hardtanh_sign(x, estimator, layer.input_quantizer.channel_dim)
+        layer.take_input_sign(out, values)
+        return out
 
 
 class RPReLU(nn.Module):

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layers import QConv2d, QLinear
+from ..layers import HardtanhSign, QConv2d, QLinear
 from ..quant import QuantizerSpec, check_bits, make_quantizer
 
-ACTIVATIONS = {"hardtanh": nn.Hardtanh, "relu": nn.ReLU}
+ACTIVATIONS = {"hardtanh": HardtanhSign, "relu": nn.ReLU}
 
 
 @dataclass

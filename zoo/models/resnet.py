@@ -16,6 +16,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..layers import HardtanhSign
 from .base import ACTIVATIONS, QuantConfig, ZooModel
 
 
@@ -129,7 +130,20 @@ class ResNet(ZooModel):
         self.head_bn = nn.BatchNorm1d(in_planes) if head_bn else nn.Identity()
         self.fc = q.classifier(in_planes, num_classes)
         self.feature_info.append({"module": "head_bn", "num_chs": in_planes, "reduction": None})
+        self._link_activations(self.stem[-1] if stem == "cifar" else None)
         self._init_weights()
+
+    def _link_activations(self, first: nn.Module | None) -> None:
+        """Tell each hardtanh which conv takes its output, so it can compute that conv's sign
+        fused (:class:`HardtanhSign`): a block's ``act1`` feeds its ``conv2``, its ``act2`` the next
+        block's ``conv1``, the CIFAR stem's activation the first block's ``conv1``."""
+        previous = first
+        for i in range(self.num_stages):
+            for block in getattr(self, f"layer{i + 1}"):
+                for act, conv in ((previous, block.conv1), (block.act1, block.conv2)):
+                    if isinstance(act, HardtanhSign):
+                        act.feeds(conv)
+                previous = block.act2
 
     def _init_weights(self) -> None:
         for m in self.modules():

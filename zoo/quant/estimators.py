@@ -38,7 +38,26 @@ def _sign_and_std(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
     return _KERNELS["sign"](x), channel_std(x, channel_dim)
 
 
-_EAGER = {"sign": _sign_values, "tanh_grad": _tanh_grad, "std": _moments_std, "sign_std": _sign_and_std}
+def _hardtanh_sign_std(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``out = clamp(x, -1, 1)``, ``sign(out)`` and DTE's per-channel std of ``out``."""
+    out = x.clamp(-1.0, 1.0)
+    return (out, *_KERNELS["sign_std"](out, channel_dim))
+
+
+def _hardtanh_sign_grad(out: Tensor, slope: Tensor, scale: Tensor, grad_out: Tensor, grad_sign: Tensor) -> Tensor:
+    """Backward of a hardtanh whose output ``out`` also feeds a sign with a tanh estimator:
+    ``(grad_out + grad_sign * scale * (1 - tanh(slope out)^2)) * (|out| < 1)``."""
+    return (grad_out + _KERNELS["tanh_grad"](out, slope, scale, grad_sign)) * (out.abs() < 1)
+
+
+_EAGER = {
+    "sign": _sign_values,
+    "tanh_grad": _tanh_grad,
+    "std": _moments_std,
+    "sign_std": _sign_and_std,
+    "hardtanh_sign_std": _hardtanh_sign_std,
+    "hardtanh_sign_grad": _hardtanh_sign_grad,
+}
 _KERNELS = dict(_EAGER)
 
 
@@ -76,7 +95,24 @@ def _cpp_kernels() -> dict:
             return ops.sign_and_std(x)
         return _sign_and_std(x, channel_dim)
 
-    return {"sign": sign, "tanh_grad": tanh_grad, "std": std, "sign_std": sign_std}
+    def hardtanh_sign_std(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+        if fits(x) and x.dim() == 4 and channel_dim == 1:
+            return ops.hardtanh_sign_std(x)
+        return _hardtanh_sign_std(x, channel_dim)
+
+    def hardtanh_sign_grad(out: Tensor, slope: Tensor, scale: Tensor, grad_out: Tensor, grad_sign: Tensor) -> Tensor:
+        if all(fits(t) for t in (out, grad_out, grad_sign)) and per_channel(out, slope) and per_channel(out, scale):
+            return ops.hardtanh_sign_grad(out, slope, scale, grad_out, grad_sign)
+        return _hardtanh_sign_grad(out, slope, scale, grad_out, grad_sign)
+
+    return {
+        "sign": sign,
+        "tanh_grad": tanh_grad,
+        "std": std,
+        "sign_std": sign_std,
+        "hardtanh_sign_std": hardtanh_sign_std,
+        "hardtanh_sign_grad": hardtanh_sign_grad,
+    }
 
 
 def use_kernels(kind: str = "eager") -> str:
@@ -91,6 +127,7 @@ def use_kernels(kind: str = "eager") -> str:
     """
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kernels must be one of {KERNEL_KINDS}, got {kind!r}")
+    _KERNELS.clear()
     _KERNELS.update(_EAGER)
     if kind == "compiled":
         _KERNELS.update({k: torch.compile(f, dynamic=False) for k, f in _EAGER.items() if k in ("tanh_grad", "std")})
@@ -256,6 +293,29 @@ def sign(x: Tensor, estimator: Estimator, channel_dim: int = 1) -> Tensor:
     """``sign(x)`` in {-1, +1} with the estimator's backward; ``sigma`` per ``channel_dim``."""
     needs_grad = torch.is_grad_enabled() and x.requires_grad  # sigma only serves the backward
     return _SignFunction.apply(x, estimator, channel_dim if estimator.needs_sigma and needs_grad else None)
+
+
+class _HardtanhSignFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, estimator: TanhEstimator, channel_dim: int) -> tuple[Tensor, Tensor]:
+        out, values, sigma = _KERNELS["hardtanh_sign_std"](x, channel_dim)
+        ctx.estimator = estimator
+        ctx.save_for_backward(out, sigma if estimator.needs_sigma else None)
+        return out, values
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_sign: Tensor):
+        out, sigma = ctx.saved_tensors
+        slope, scale = ctx.estimator._slope_scale(out, sigma)
+        return _KERNELS["hardtanh_sign_grad"](out, slope, scale, grad_out, grad_sign), None, None
+
+
+def hardtanh_sign(x: Tensor, estimator: TanhEstimator, channel_dim: int = 1) -> tuple[Tensor, Tensor]:
+    """``out = hardtanh(x)`` and ``sign(out)`` with the tanh estimator's backward, in one forward and
+    one backward pass (the C++ kernels; :func:`use_kernels`) instead of three of each: clamp, sign
+    + std, then the sign's backward, the sum of the two gradients of ``out`` and hardtanh's mask.
+    Same values and gradients as ``out = F.hardtanh(x); sign(out, estimator, channel_dim)``."""
+    return _HardtanhSignFunction.apply(x, estimator, channel_dim)
 
 
 def channel_std(x: Tensor, channel_dim: int) -> Tensor:
