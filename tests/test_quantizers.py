@@ -345,8 +345,9 @@ def test_fused_hardtanh_sign_against_independent_formulas(kernels, distribution_
 @pytest.mark.parametrize(
     "kernels", ["eager", pytest.param("cpp", marks=pytest.mark.skipif(not kernels_available("sign"), reason="no C++"))]
 )
-def test_binary_resnet_hands_fused_signs_to_its_convs(kernels, monkeypatch):
-    """The model's hardtanhs compute their consumers' signs (18 in a ResNet-20), and the gradients
+@pytest.mark.parametrize("name, fused_signs", [("resnet20_w1a1", 18), ("vgg_small_w1a1", 5)])
+def test_binary_models_hand_fused_signs_to_their_convs(kernels, name, fused_signs, monkeypatch):
+    """The model's hardtanhs compute their consumers' signs (every binary conv's), and the gradients
     equal those of the same model with the links cut (each conv then takes its own sign)."""
     import copy
 
@@ -355,10 +356,10 @@ def test_binary_resnet_hands_fused_signs_to_its_convs(kernels, monkeypatch):
     from zoo.quant import estimators
 
     torch.manual_seed(0)
-    model = zoo.create_model("resnet20_w1a1").train()
+    model = zoo.create_model(name).train()
     unlinked = copy.deepcopy(model)
-    assert model.layer1[0].act1._consumer[0] is model.layer1[0].conv2  # deepcopy kept the links, to the copy
-    assert unlinked.layer1[0].act1._consumer[0] is unlinked.layer1[0].conv2
+    copied_consumer = unlinked.stem[-1]._consumer[0]  # deepcopy links the copies to each other
+    assert any(m is copied_consumer for m in unlinked.modules()) and copied_consumer.weight_bits == 1
     for module in unlinked.modules():
         if isinstance(module, layers.HardtanhSign):
             module.feeds(None)
@@ -374,7 +375,7 @@ def test_binary_resnet_hands_fused_signs_to_its_convs(kernels, monkeypatch):
             grads.append([p.grad for p in m.parameters()])
     finally:
         estimators.use_kernels("eager")
-    assert len(calls) == 18  # 1 stem + 2 per block feed a binary conv; the last act2 feeds the head
+    assert len(calls) == fused_signs  # every binary conv's input; the last activation feeds the real head
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert all(getattr(m, "_input_sign", None) is None for m in model.modules())  # every handed sign was used

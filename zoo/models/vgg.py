@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..layers import HardtanhSign
 from .base import ACTIVATIONS, QuantConfig, ZooModel
 
 
@@ -36,6 +37,9 @@ class VGGSmall(ZooModel):
         self.features = nn.Sequential(*stages)
         self.num_features = 512 * 4 * 4
         self.fc = q.classifier(self.num_features, num_classes)
+        for act, stage in zip([self.stem[-1]] + [stage[-1] for stage in stages], stages):
+            if isinstance(act, HardtanhSign):  # computes the next stage's conv's sign fused
+                act.feeds(stage[0])
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.features(self.stem(x))
