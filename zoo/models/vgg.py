@@ -37,7 +37,7 @@ class VGGSmall(ZooModel):
         self.features = nn.Sequential(*stages)
         self.num_features = 512 * 4 * 4
         self.fc = q.classifier(self.num_features, num_classes)
-        for act, stage in zip([self.stem[-1]] + [stage[-1] for stage in stages], stages):
+        for act, stage in zip([self.stem[-1]] + [stage[-1] for stage in stages[:-1]], stages, strict=True):
             if isinstance(act, HardtanhSign):  # computes the next stage's conv's sign fused
                 act.feeds(stage[0])
 
