@@ -34,13 +34,13 @@ class _QuantizedMixin:
         use = self.quantize and self.weight_quantizer.enabled
         return self.weight_quantizer(self.weight) if use else self.weight
 
+    _input_sign: tuple[Tensor, Tensor] | None = None  # (x, sign(x)) handed over by a HardtanhSign
+
     def quantized_input(self, x: Tensor) -> Tensor:
         handed, self._input_sign = self._input_sign, None
         if handed is not None and handed[0] is x and self.fused_sign_estimator() is not None:
             return handed[1]  # computed with x by the HardtanhSign before this layer
         return self.input_quantizer(x) if self.quantize and self.input_quantizer.enabled else x
-
-    _input_sign: tuple[Tensor, Tensor] | None = None
 
     def fused_sign_estimator(self) -> TanhEstimator | None:
         """The tanh estimator (EDE/DTE) of this layer's plain ``Sign`` input quantizer, if it is on:
@@ -158,7 +158,8 @@ class HardtanhSign(nn.Hardtanh):
         super().__init__(-1.0, 1.0)
         self._consumer: list[nn.Module] = []  # a list: not a submodule (no second path to its state)
 
-    def feeds(self, layer: nn.Module) -> None:
+    def feeds(self, layer: nn.Module | None) -> None:
+        """Link this activation to the quantized layer its output feeds (anything else unlinks it)."""
         self._consumer = [layer] if isinstance(layer, QUANTIZED_LAYERS) else []
 
     def forward(self, x: Tensor) -> Tensor:
