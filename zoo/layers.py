@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .quant import Identity, Quantizer, Sign
+from .quant import Identity, Quantizer
 from .quant.estimators import TanhEstimator, hardtanh_sign
 
 
@@ -46,9 +46,7 @@ class _QuantizedMixin:
         """The tanh estimator (EDE/DTE) of this layer's plain ``Sign`` input quantizer, if it is on:
         then the :class:`HardtanhSign` before the layer may compute the sign for it."""
         q = self.input_quantizer
-        if self.quantize and q.enabled and type(q) is Sign and isinstance(q.estimator, TanhEstimator):
-            return q.estimator
-        return None
+        return q.fusable_sign_estimator() if self.quantize and q.enabled else None
 
     def take_input_sign(self, x: Tensor, values: Tensor) -> None:
         """``values = sign(x)`` (with this layer's estimator) for the next call with input ``x``."""

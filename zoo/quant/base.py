@@ -93,6 +93,11 @@ class Quantizer(nn.Module):
             raise ValueError(f"the {self.name} quantizer cannot change from {self.bits} to {bits} bits")
         self.bits = bits
 
+    def fusable_sign_estimator(self) -> nn.Module | None:
+        """The tanh estimator if this quantizer is exactly ``sign(x)`` with EDE/DTE, so that a
+        hardtanh before it may compute its output fused (:class:`zoo.layers.HardtanhSign`); else None."""
+        return None
+
     def config(self) -> dict:
         """Arguments that rebuild this quantizer with :func:`zoo.quant.make_quantizer`."""
         return {"name": self.name, "bits": self.bits}

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Quantizer, WeightQuantizer, channel_dims
-from .estimators import Estimator, make_estimator, sign
+from .estimators import Estimator, TanhEstimator, make_estimator, sign
 
 
 class Sign(Quantizer):
@@ -26,6 +26,9 @@ class Sign(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         return sign(x, self.estimator, self.channel_dim)
 
+    def fusable_sign_estimator(self) -> TanhEstimator | None:
+        return self.estimator if isinstance(self.estimator, TanhEstimator) else None
+
     def config(self) -> dict:
         return {"name": self.name, "estimator": self.estimator.name}
 
@@ -42,6 +45,9 @@ class RSign(Sign):
     def __init__(self, bits: int = 1, estimator: str | Estimator | None = "approx", channels: int = 1) -> None:
         super().__init__(1, estimator)
         self.threshold = nn.Parameter(torch.zeros(channels))
+
+    def fusable_sign_estimator(self) -> None:
+        return None  # sign(x - a_c): not the plain sign of the hardtanh output
 
     def forward(self, x: Tensor) -> Tensor:
         shape = [1] * x.dim()

@@ -74,6 +74,9 @@ def _cpp_kernels() -> dict:
     def fits(t: Tensor) -> bool:
         return t.device.type == "cpu" and t.dtype == torch.float32
 
+    def nchw(x: Tensor, channel_dim: int) -> bool:  # per-channel statistics over dim 1 of NCHW x
+        return fits(x) and x.dim() == 4 and channel_dim == 1
+
     def per_channel(x: Tensor, v: Tensor) -> bool:  # a scalar, or one value per channel of NCHW x
         return v.dim() == 0 or (x.dim() == 4 and tuple(v.shape) == (1, x.shape[1], 1, 1))
 
@@ -91,12 +94,12 @@ def _cpp_kernels() -> dict:
         return _moments_std(x, dims, n)
 
     def sign_std(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
-        if fits(x) and x.dim() == 4 and channel_dim == 1:
+        if nchw(x, channel_dim):
             return ops.sign_and_std(x)
         return _sign_and_std(x, channel_dim)
 
     def hardtanh_sign_std(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-        if fits(x) and x.dim() == 4 and channel_dim == 1:
+        if nchw(x, channel_dim):
             return ops.hardtanh_sign_std(x)
         return _hardtanh_sign_std(x, channel_dim)
 
