@@ -293,6 +293,51 @@ def test_cpp_sign_kernels_against_independent_formulas():
 
 
 @pytest.mark.skipif(not kernels_available("sign"), reason="the C++ sign kernels need a C++ compiler")
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_sign_kernels_per_dtype_and_instruction_set(dtype, isa, monkeypatch):
+    """Every vector path ($ZOO_SIGN_ISA caps it) in float32 and bfloat16 (bf16 autocast training): the
+    values and gradients keep the input's dtype, computed in float32 and rounded to nearest even, checked
+    against float64 formulas; statistics in float32. Planes of 99 elements also run the scalar tails."""
+    from zoo.kernels import load
+
+    monkeypatch.setenv("ZOO_SIGN_ISA", isa)
+    ops = load("sign")
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(5, 7, 9, 11, generator=gen) * 1.5).to(dtype)
+    x[0, 0, 0, :2] = torch.tensor([0.0, -0.0])
+    xd = x.double()
+    signs = torch.where(xd >= 0, 1.0, -1.0).to(dtype)
+    values, sigma = ops.sign_and_std(x)
+    assert values.dtype == dtype and torch.equal(values, signs) and torch.equal(ops.sign_values(x), signs)
+    assert sigma.dtype == torch.float32
+    torch.testing.assert_close(sigma.double(), xd.std(dim=(0, 2, 3), keepdim=True), rtol=1e-5, atol=0)
+    out, values, sigma = ops.hardtanh_sign_std(x)
+    clamped = xd.clamp(-1, 1)
+    assert out.dtype == dtype and torch.equal(out.double(), clamped) and torch.equal(values, signs)
+    torch.testing.assert_close(sigma.double(), clamped.std(dim=(0, 2, 3), keepdim=True), rtol=1e-5, atol=0)
+
+    grad, grad_out = (torch.randn(x.shape, generator=gen).to(dtype) for _ in range(2))
+    slope = (2.5 / sigma).float()
+    surrogate = grad.double() * slope.double() * (1 - torch.tanh(slope.double() * xd) ** 2)
+    fused = (grad_out.double() + surrogate) * (xd.abs() < 1)
+    well_conditioned = (slope * xd).abs() < 1  # elsewhere 1 - tanh^2 cancels in float32
+    for got, expected in [
+        (ops.tanh_grad(x, slope, slope, grad), surrogate),
+        (ops.hardtanh_sign_grad(x, slope, slope, grad_out, grad), fused),
+    ]:
+        assert got.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+        else:  # nearest-even rounding of the float32 result: the float64 value rounded, but for near-ties
+            exact = (got == expected.to(dtype))[well_conditioned].double().mean()
+            assert exact > 0.98, f"only {exact:.1%} of the bf16 results are the rounded exact value"
+            torch.testing.assert_close(got.double(), expected, rtol=2**-8, atol=1e-5)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ops.tanh_grad(x, slope, slope, grad.to(torch.float16 if dtype == torch.float32 else torch.float32))
+
+
+@pytest.mark.skipif(not kernels_available("sign"), reason="the C++ sign kernels need a C++ compiler")
 @pytest.mark.parametrize("estimator", ["dte", "ede"])
 def test_cpp_kernels_match_eager_in_quantizers(estimator):
     """Activations (per-channel, C++) and IMB weights (per output channel: the eager fallback)."""
@@ -379,6 +424,40 @@ def test_binary_models_hand_fused_signs_to_their_convs(kernels, name, fused_sign
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert all(getattr(m, "_input_sign", None) is None for m in model.modules())  # every handed sign was used
+
+
+@pytest.mark.skipif(not kernels_available("sign"), reason="the C++ sign kernels need a C++ compiler")
+def test_bf16_autocast_training_takes_the_cpp_kernels(monkeypatch):
+    """Under bf16 autocast (the CPU presets) the fused hardtanh + sign runs in C++ on the bf16
+    activations, never the eager fallback, with gradients within bf16 rounding of the eager ones."""
+    import zoo
+    from zoo.quant import estimators
+
+    torch.manual_seed(0)
+    model = zoo.create_model("resnet20_w1a1").train()
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+
+    def gradients() -> list[torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    eager = gradients()
+
+    def eager_fallback(*args):
+        raise AssertionError("the eager fallback ran under bf16 autocast")
+
+    monkeypatch.setattr(estimators, "_hardtanh_sign_std", eager_fallback)
+    monkeypatch.setattr(estimators, "_hardtanh_sign_grad", eager_fallback)
+    assert estimators.use_kernels("cpp") == "cpp"
+    try:
+        fused = gradients()
+    finally:
+        estimators.use_kernels("eager")
+    for a, b in zip(fused, eager, strict=True):
+        assert (a - b).norm() <= 0.05 * b.norm() + 1e-6
 
 
 def test_a_handed_sign_is_only_used_for_its_own_tensor():

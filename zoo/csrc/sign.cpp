@@ -9,6 +9,9 @@
 //   hardtanh_sign_grad(out, slope, scale, g_out, g_sign)
 //                                   = (g_out + tanh_grad(out, slope, scale, g_sign)) * (|out| < 1): the
 //                                     backward of a hardtanh whose output also feeds a sign, one pass
+// Tensors are float32 or bfloat16 (bf16 autocast training): bf16 values are widened to float32, all
+// arithmetic runs in float32 and results are rounded back to nearest-even, as c10::BFloat16 does; the
+// statistics (channel_std) are float32 for either.
 // slope and scale hold one value or one per channel (dim 1 of NCHW). tanh is SLEEF's 3.5-ULP
 // vector tanh (as exported by libtorch_cpu; several times faster than the 1-ULP one), so the
 // surrogate gradient matches eager PyTorch to a few units in the last place.
@@ -20,6 +23,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -40,42 +45,123 @@ extern "C" __m256 Sleef_tanhf8_u35avx2(__m256);
 
 namespace {
 
-void check_float(const at::Tensor& x, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, what, ": expected a float32 CPU tensor");
+using BF16 = c10::BFloat16;
+
+void check_tensor(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), what,
+              ": expected a float32 or bfloat16 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+}
+
+void check_same_dtype(const at::Tensor& x, const at::Tensor& other, const char* what) {
+  TORCH_CHECK(x.scalar_type() == other.scalar_type(), what, ": tensors must share one dtype, got ",
+              x.scalar_type(), " and ", other.scalar_type());
+}
+
+// Run ``body.template operator()<T>()`` with T = float or BF16 for x's dtype.
+template <typename Body>
+auto dispatch(const at::Tensor& x, Body&& body) {
+  if (x.scalar_type() == at::kBFloat16) return body(BF16());
+  return body(float());
+}
+
+inline float widen(float v) { return v; }
+inline float widen(BF16 v) { return static_cast<float>(v); }
+template <typename T>
+inline T narrow(float v) {
+  return static_cast<T>(v);  // BF16: round to nearest even (c10)
+}
+
+#if ZOO_X86
+// 16 (AVX-512) or 8 (AVX2) lanes of float32 from float32 or bf16 memory, and back (bf16: nearest even,
+// NaN kept quiet, as c10::BFloat16)
+__attribute__((target("avx512f"), always_inline)) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"), always_inline)) inline __m512 load16(const BF16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+__attribute__((target("avx512f"), always_inline)) inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+__attribute__((target("avx512f"), always_inline)) inline void store16(BF16* p, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 load8(const BF16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+__attribute__((target("avx2,fma"), always_inline)) inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+__attribute__((target("avx2,fma"), always_inline)) inline void store8(BF16* p, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc00000), nan);
+  const __m256i high = _mm256_srli_epi32(rounded, 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+#endif
+
+// The widest vector path this CPU has, capped by $ZOO_SIGN_ISA (avx512, avx2 or scalar; read on every
+// call, so tests can run the narrower paths on a wide CPU).
+enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
+
+Isa vector_isa() {
+  Isa cap = Isa::avx512;
+  if (const char* env = std::getenv("ZOO_SIGN_ISA")) {
+    const std::string name(env);
+    TORCH_CHECK(name == "avx512" || name == "avx2" || name == "scalar",
+                "ZOO_SIGN_ISA must be avx512, avx2 or scalar, got '", name, "'");
+    cap = name == "avx512" ? Isa::avx512 : name == "avx2" ? Isa::avx2 : Isa::scalar;
+  }
+#if ZOO_X86
+  if (cap >= Isa::avx512 && __builtin_cpu_supports("avx512f")) return Isa::avx512;
+  if (cap >= Isa::avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
+  return Isa::scalar;
 }
 
 at::Tensor sign_values(const at::Tensor& x) {
-  check_float(x, "sign_values");
+  check_tensor(x, "sign_values");
   at::Tensor in = x.contiguous();
   at::Tensor out = at::empty_like(in);
-  const float* src = in.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, in.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) dst[i] = src[i] >= 0.f ? 1.f : -1.f;
+  dispatch(in, [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = in.data_ptr<T>();
+    T* dst = out.data_ptr<T>();
+    const T one(1.f), minus_one(-1.f);
+    at::parallel_for(0, in.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) dst[i] = widen(src[i]) >= 0.f ? one : minus_one;
+    });
+    return 0;
   });
   return out;
 }
 
-// clamp(p, -1, 1) into ``clamped``, then the sign values and moments of the clamped plane.
-void clamped_plane_moments_scalar(const float* p, int64_t count, float* clamped, float* values, double* sum,
-                                  double* sum_sq);
-
 // Sum and sum of squares of one plane, writing its sign values when ``values`` is not null.
-void plane_moments_scalar(const float* p, int64_t count, float* values, double* sum, double* sum_sq) {
+template <typename T>
+void plane_moments_scalar(const T* p, int64_t count, T* values, double* sum, double* sum_sq) {
   float s[8] = {0, 0, 0, 0, 0, 0, 0, 0}, q[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent partial sums
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
     for (int j = 0; j < 8; ++j) {
-      s[j] += p[i + j];
-      q[j] += p[i + j] * p[i + j];
+      const float v = widen(p[i + j]);
+      s[j] += v;
+      q[j] += v * v;
     }
   }
   for (; i < count; ++i) {
-    s[0] += p[i];
-    q[0] += p[i] * p[i];
+    const float v = widen(p[i]);
+    s[0] += v;
+    q[0] += v * v;
   }
   if (values != nullptr) {
-    for (int64_t k = 0; k < count; ++k) values[k] = p[k] >= 0.f ? 1.f : -1.f;
+    const T one(1.f), minus_one(-1.f);
+    for (int64_t k = 0; k < count; ++k) values[k] = widen(p[k]) >= 0.f ? one : minus_one;
   }
   for (int j = 0; j < 8; ++j) {  // the plane in float, the total in double
     *sum += s[j];
@@ -83,46 +169,48 @@ void plane_moments_scalar(const float* p, int64_t count, float* values, double* 
   }
 }
 
+// clamp(p, -1, 1) into ``clamped``, then the sign values and moments of the clamped plane.
+template <typename T>
+void clamped_plane_moments_scalar(const T* p, int64_t count, T* clamped, T* values, double* sum, double* sum_sq) {
+  for (int64_t k = 0; k < count; ++k) clamped[k] = narrow<T>(std::min(std::max(widen(p[k]), -1.f), 1.f));
+  plane_moments_scalar(clamped, count, values, sum, sum_sq);
+}
+
 #if ZOO_X86
-__attribute__((target("avx512f"))) void plane_moments_avx512(const float* p, int64_t count, float* values,
-                                                             double* sum, double* sum_sq) {
+template <typename T>
+__attribute__((target("avx512f"))) void plane_moments_avx512(const T* p, int64_t count, T* values, double* sum,
+                                                             double* sum_sq) {
   const __m512 one = _mm512_set1_ps(1.f), minus_one = _mm512_set1_ps(-1.f), zero = _mm512_setzero_ps();
   __m512 s = zero, q = zero;
   int64_t i = 0;
   for (; i + 16 <= count; i += 16) {
-    const __m512 v = _mm512_loadu_ps(p + i);
+    const __m512 v = load16(p + i);
     s = _mm512_add_ps(s, v);
     q = _mm512_fmadd_ps(v, v, q);
     if (values != nullptr) {
       const __mmask16 nonneg = _mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ);  // NaN -> -1, as eager
-      _mm512_storeu_ps(values + i, _mm512_mask_blend_ps(nonneg, minus_one, one));
+      store16(values + i, _mm512_mask_blend_ps(nonneg, minus_one, one));
     }
   }
   *sum += _mm512_reduce_add_ps(s);
   *sum_sq += _mm512_reduce_add_ps(q);
   if (i < count) plane_moments_scalar(p + i, count - i, values == nullptr ? nullptr : values + i, sum, sum_sq);
 }
-#endif
 
-void clamped_plane_moments_scalar(const float* p, int64_t count, float* clamped, float* values, double* sum,
-                                  double* sum_sq) {
-  for (int64_t k = 0; k < count; ++k) clamped[k] = std::min(std::max(p[k], -1.f), 1.f);
-  plane_moments_scalar(clamped, count, values, sum, sum_sq);
-}
-
-#if ZOO_X86
-__attribute__((target("avx512f"))) void clamped_plane_moments_avx512(const float* p, int64_t count, float* clamped,
-                                                                     float* values, double* sum, double* sum_sq) {
+template <typename T>
+__attribute__((target("avx512f"))) void clamped_plane_moments_avx512(const T* p, int64_t count, T* clamped, T* values,
+                                                                     double* sum, double* sum_sq) {
   const __m512 one = _mm512_set1_ps(1.f), minus_one = _mm512_set1_ps(-1.f), zero = _mm512_setzero_ps();
   __m512 s = zero, q = zero;
   int64_t i = 0;
   for (; i + 16 <= count; i += 16) {
-    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_loadu_ps(p + i), minus_one), one);
-    _mm512_storeu_ps(clamped + i, v);
+    // clamping a bf16 value to [-1, 1] gives a bf16 value, so the statistics see exactly what is stored
+    const __m512 v = _mm512_min_ps(_mm512_max_ps(load16(p + i), minus_one), one);
+    store16(clamped + i, v);
     s = _mm512_add_ps(s, v);
     q = _mm512_fmadd_ps(v, v, q);
     const __mmask16 nonneg = _mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ);
-    _mm512_storeu_ps(values + i, _mm512_mask_blend_ps(nonneg, minus_one, one));
+    store16(values + i, _mm512_mask_blend_ps(nonneg, minus_one, one));
   }
   *sum += _mm512_reduce_add_ps(s);
   *sum_sq += _mm512_reduce_add_ps(q);
@@ -130,17 +218,18 @@ __attribute__((target("avx512f"))) void clamped_plane_moments_avx512(const float
 }
 #endif
 
-// sign values of x (when ``values`` is not null) and the unbiased per-channel std, one pass per channel;
-// with ``clamped``, of clamp(x, -1, 1), written there
-void sign_std_pass(const at::Tensor& in, float* values, float* stds, float* clamped = nullptr) {
+// sign values of x (when ``values`` is not null) and the unbiased per-channel std (float32), one pass per
+// channel; with ``clamped``, of clamp(x, -1, 1), written there
+template <typename T>
+void sign_std_pass(const at::Tensor& in, T* values, float* stds, T* clamped = nullptr) {
   const int64_t n = in.size(0), c = in.size(1), plane = in.size(2) * in.size(3), count = n * plane;
-  const float* src = in.data_ptr<float>();
-  auto moments = plane_moments_scalar;
-  auto clamped_moments = clamped_plane_moments_scalar;
+  const T* src = in.data_ptr<T>();
+  auto moments = plane_moments_scalar<T>;
+  auto clamped_moments = clamped_plane_moments_scalar<T>;
 #if ZOO_X86
-  if (__builtin_cpu_supports("avx512f")) {
-    moments = plane_moments_avx512;
-    clamped_moments = clamped_plane_moments_avx512;
+  if (vector_isa() == Isa::avx512) {  // the statistics have no AVX2 path: narrower CPUs take the portable loops
+    moments = plane_moments_avx512<T>;
+    clamped_moments = clamped_plane_moments_avx512<T>;
   }
 #endif
   // planes in memory order (a contiguous stream, which the prefetchers follow), each plane's moments
@@ -168,103 +257,124 @@ void sign_std_pass(const at::Tensor& in, float* values, float* stds, float* clam
   }
 }
 
+at::Tensor new_stds(const at::Tensor& in) { return at::empty({1, in.size(1), 1, 1}, in.options().dtype(at::kFloat)); }
+
+void check_nchw(const at::Tensor& x, const char* what) {
+  check_tensor(x, what);
+  TORCH_CHECK(x.dim() == 4, what, ": expected an NCHW tensor");
+}
+
 at::Tensor channel_std(const at::Tensor& x) {
-  check_float(x, "channel_std");
-  TORCH_CHECK(x.dim() == 4, "channel_std: expected an NCHW tensor");
+  check_nchw(x, "channel_std");
   at::Tensor in = x.contiguous();
-  at::Tensor stds = at::empty({1, in.size(1), 1, 1}, in.options());
-  sign_std_pass(in, nullptr, stds.data_ptr<float>());
+  at::Tensor stds = new_stds(in);
+  dispatch(in, [&](auto tag) {
+    using T = decltype(tag);
+    sign_std_pass<T>(in, nullptr, stds.data_ptr<float>());
+    return 0;
+  });
   return stds;
 }
 
 std::tuple<at::Tensor, at::Tensor> sign_and_std(const at::Tensor& x) {
-  check_float(x, "sign_and_std");
-  TORCH_CHECK(x.dim() == 4, "sign_and_std: expected an NCHW tensor");
+  check_nchw(x, "sign_and_std");
   at::Tensor in = x.contiguous();
-  at::Tensor values = at::empty_like(in), stds = at::empty({1, in.size(1), 1, 1}, in.options());
-  sign_std_pass(in, values.data_ptr<float>(), stds.data_ptr<float>());
+  at::Tensor values = at::empty_like(in), stds = new_stds(in);
+  dispatch(in, [&](auto tag) {
+    using T = decltype(tag);
+    sign_std_pass<T>(in, values.data_ptr<T>(), stds.data_ptr<float>());
+    return 0;
+  });
   return {values, stds};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hardtanh_sign_std(const at::Tensor& x) {
-  check_float(x, "hardtanh_sign_std");
-  TORCH_CHECK(x.dim() == 4, "hardtanh_sign_std: expected an NCHW tensor");
+  check_nchw(x, "hardtanh_sign_std");
   at::Tensor in = x.contiguous();
-  at::Tensor out = at::empty_like(in), values = at::empty_like(in);
-  at::Tensor stds = at::empty({1, in.size(1), 1, 1}, in.options());
-  sign_std_pass(in, values.data_ptr<float>(), stds.data_ptr<float>(), out.data_ptr<float>());
+  at::Tensor out = at::empty_like(in), values = at::empty_like(in), stds = new_stds(in);
+  dispatch(in, [&](auto tag) {
+    using T = decltype(tag);
+    sign_std_pass<T>(in, values.data_ptr<T>(), stds.data_ptr<float>(), out.data_ptr<T>());
+    return 0;
+  });
   return {out, values, stds};
 }
 
 // out[i] = g[i] * scale * (1 - tanh(slope * x[i])^2) over a span, one slope/scale; with ``pass``
 // (the gradient of a hardtanh output x that also feeds the sign): (pass[i] + that) * (|x[i]| < 1)
-void tanh_grad_span_scalar(const float* x, const float* g, const float* pass, float slope, float scale, float* out,
-                           int64_t count) {
+template <typename T>
+void tanh_grad_span_scalar(const T* x, const T* g, const T* pass, float slope, float scale, T* out, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
-    const float u = std::tanh(slope * x[i]);
-    const float d = g[i] * (scale - scale * u * u);
-    out[i] = pass == nullptr ? d : (std::fabs(x[i]) < 1.f ? pass[i] + d : 0.f);
+    const float v = widen(x[i]);
+    const float u = std::tanh(slope * v);
+    const float d = widen(g[i]) * (scale - scale * u * u);
+    out[i] = narrow<T>(pass == nullptr ? d : (std::fabs(v) < 1.f ? widen(pass[i]) + d : 0.f));
   }
 }
 
 #if ZOO_X86
-__attribute__((target("avx512f"))) void tanh_grad_span_avx512(const float* x, const float* g, const float* pass,
-                                                              float slope, float scale, float* out, int64_t count) {
+template <typename T>
+__attribute__((target("avx512f"))) void tanh_grad_span_avx512(const T* x, const T* g, const T* pass, float slope,
+                                                              float scale, T* out, int64_t count) {
   const __m512 vs = _mm512_set1_ps(slope), vk = _mm512_set1_ps(scale), one = _mm512_set1_ps(1.f);
   int64_t i = 0;
   for (; i + 16 <= count; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m512 v = load16(x + i);
     const __m512 u = Sleef_tanhf16_u35avx512f(_mm512_mul_ps(v, vs));
-    const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(g + i), _mm512_sub_ps(vk, _mm512_mul_ps(_mm512_mul_ps(vk, u), u)));
+    const __m512 d = _mm512_mul_ps(load16(g + i), _mm512_sub_ps(vk, _mm512_mul_ps(_mm512_mul_ps(vk, u), u)));
     if (pass == nullptr) {
-      _mm512_storeu_ps(out + i, d);
+      store16(out + i, d);
     } else {
       const __mmask16 inside = _mm512_cmp_ps_mask(_mm512_abs_ps(v), one, _CMP_LT_OQ);
-      _mm512_storeu_ps(out + i, _mm512_maskz_add_ps(inside, _mm512_loadu_ps(pass + i), d));
+      store16(out + i, _mm512_maskz_add_ps(inside, load16(pass + i), d));
     }
   }
   tanh_grad_span_scalar(x + i, g + i, pass == nullptr ? nullptr : pass + i, slope, scale, out + i, count - i);
 }
 
-__attribute__((target("avx2,fma"))) void tanh_grad_span_avx2(const float* x, const float* g, const float* pass,
-                                                             float slope, float scale, float* out, int64_t count) {
+template <typename T>
+__attribute__((target("avx2,fma"))) void tanh_grad_span_avx2(const T* x, const T* g, const T* pass, float slope,
+                                                             float scale, T* out, int64_t count) {
   const __m256 vs = _mm256_set1_ps(slope), vk = _mm256_set1_ps(scale), one = _mm256_set1_ps(1.f);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 v = load8(x + i);
     const __m256 u = Sleef_tanhf8_u35avx2(_mm256_mul_ps(v, vs));
-    const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(g + i), _mm256_sub_ps(vk, _mm256_mul_ps(_mm256_mul_ps(vk, u), u)));
+    const __m256 d = _mm256_mul_ps(load8(g + i), _mm256_sub_ps(vk, _mm256_mul_ps(_mm256_mul_ps(vk, u), u)));
     if (pass == nullptr) {
-      _mm256_storeu_ps(out + i, d);
+      store8(out + i, d);
     } else {
       const __m256 inside = _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), one, _CMP_LT_OQ);
-      _mm256_storeu_ps(out + i, _mm256_and_ps(inside, _mm256_add_ps(_mm256_loadu_ps(pass + i), d)));
+      store8(out + i, _mm256_and_ps(inside, _mm256_add_ps(load8(pass + i), d)));
     }
   }
   tanh_grad_span_scalar(x + i, g + i, pass == nullptr ? nullptr : pass + i, slope, scale, out + i, count - i);
 }
 #endif
 
-using TanhSpan = void (*)(const float*, const float*, const float*, float, float, float*, int64_t);
+template <typename T>
+using TanhSpan = void (*)(const T*, const T*, const T*, float, float, T*, int64_t);
 
-TanhSpan select_tanh_span() {
+template <typename T>
+TanhSpan<T> select_tanh_span() {
 #if ZOO_X86
-  if (__builtin_cpu_supports("avx512f")) return tanh_grad_span_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return tanh_grad_span_avx2;
+  const Isa isa = vector_isa();
+  if (isa == Isa::avx512) return tanh_grad_span_avx512<T>;
+  if (isa == Isa::avx2) return tanh_grad_span_avx2<T>;
 #endif
-  return tanh_grad_span_scalar;
+  return tanh_grad_span_scalar<T>;
 }
 
 // tanh_grad, or with ``pass`` defined the hardtanh_sign backward (see the top of the file)
 at::Tensor tanh_grad_pass(const char* name, const at::Tensor& x, const at::Tensor& slope, const at::Tensor& scale,
                           const at::Tensor& grad, const at::Tensor& pass) {
-  check_float(x, name);
-  check_float(grad, name);
+  check_tensor(x, name);
+  check_same_dtype(x, grad, name);
   TORCH_CHECK(x.sizes() == grad.sizes(), name, ": x and grad must have the same shape");
   at::Tensor ps;
   if (pass.defined()) {
-    check_float(pass, name);
+    check_same_dtype(x, pass, name);
     TORCH_CHECK(x.sizes() == pass.sizes(), name, ": x and the output gradient must have the same shape");
     ps = pass.contiguous();
   }
@@ -276,20 +386,24 @@ at::Tensor tanh_grad_pass(const char* name, const at::Tensor& x, const at::Tenso
   const int64_t outer = c == 1 ? 1 : x.size(0);
   const int64_t plane = c == 1 ? x.numel() : x.numel() / (x.size(0) * c);
   at::Tensor out = at::empty_like(xs);
-  const float *xp = xs.data_ptr<float>(), *gp = gs.data_ptr<float>();
-  const float* pp = ps.defined() ? ps.data_ptr<float>() : nullptr;
-  const float *slp = sl.data_ptr<float>(), *scp = sc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const TanhSpan span = select_tanh_span();
-  // work items: (sample, channel) planes, or chunks of the whole tensor for one slope
-  const int64_t chunk = c == 1 ? (1 << 14) : plane;
-  const int64_t items = c == 1 ? (x.numel() + chunk - 1) / chunk : outer * c;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t ch = c == 1 ? 0 : item % c;
-      const int64_t start = item * chunk, count = std::min(chunk, x.numel() - start);
-      span(xp + start, gp + start, pp == nullptr ? nullptr : pp + start, slp[ch], scp[ch], op + start, count);
-    }
+  dispatch(xs, [&](auto tag) {
+    using T = decltype(tag);
+    const T *xp = xs.data_ptr<T>(), *gp = gs.data_ptr<T>();
+    const T* pp = ps.defined() ? ps.data_ptr<T>() : nullptr;
+    const float *slp = sl.data_ptr<float>(), *scp = sc.data_ptr<float>();
+    T* op = out.data_ptr<T>();
+    const TanhSpan<T> span = select_tanh_span<T>();
+    // work items: (sample, channel) planes, or chunks of the whole tensor for one slope
+    const int64_t chunk = c == 1 ? (1 << 14) : plane;
+    const int64_t items = c == 1 ? (x.numel() + chunk - 1) / chunk : outer * c;
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t ch = c == 1 ? 0 : item % c;
+        const int64_t start = item * chunk, count = std::min(chunk, x.numel() - start);
+        span(xp + start, gp + start, pp == nullptr ? nullptr : pp + start, slp[ch], scp[ch], op + start, count);
+      }
+    });
+    return 0;
   });
   return out;
 }

@@ -65,14 +65,19 @@ KERNEL_KINDS = ("eager", "compiled", "cpp")
 
 
 def _cpp_kernels() -> dict:
-    """The fused C++ kernels (``zoo/csrc/sign.cpp``) where they apply (float32 CPU tensors, NCHW
-    per-channel statistics over dim 1), the eager functions elsewhere (e.g. per-output-channel weights)."""
+    """The fused C++ kernels (``zoo/csrc/sign.cpp``) where they apply (float32 or bfloat16 CPU tensors
+    of one dtype, NCHW per-channel statistics over dim 1; the statistics come back in float32), the
+    eager functions elsewhere (e.g. per-output-channel weights)."""
     from ..kernels import load
 
     ops = load("sign")
 
-    def fits(t: Tensor) -> bool:
-        return t.device.type == "cpu" and t.dtype == torch.float32
+    def fits(t: Tensor, *others: Tensor) -> bool:
+        return (
+            t.device.type == "cpu"
+            and t.dtype in (torch.float32, torch.bfloat16)
+            and all(o.device == t.device and o.dtype == t.dtype for o in others)
+        )
 
     def nchw(x: Tensor, channel_dim: int) -> bool:  # per-channel statistics over dim 1 of NCHW x
         return fits(x) and x.dim() == 4 and channel_dim == 1
@@ -84,7 +89,7 @@ def _cpp_kernels() -> dict:
         return ops.sign_values(x) if fits(x) else _sign_values(x)
 
     def tanh_grad(x: Tensor, slope: Tensor, scale: Tensor, grad: Tensor) -> Tensor:
-        if fits(x) and fits(grad) and per_channel(x, slope) and per_channel(x, scale):
+        if fits(x, grad) and per_channel(x, slope) and per_channel(x, scale):
             return ops.tanh_grad(x, slope, scale, grad)
         return _tanh_grad(x, slope, scale, grad)
 
@@ -104,7 +109,7 @@ def _cpp_kernels() -> dict:
         return _hardtanh_sign_std(x, channel_dim)
 
     def hardtanh_sign_grad(out: Tensor, slope: Tensor, scale: Tensor, grad_out: Tensor, grad_sign: Tensor) -> Tensor:
-        if all(fits(t) for t in (out, grad_out, grad_sign)) and per_channel(out, slope) and per_channel(out, scale):
+        if fits(out, grad_out, grad_sign) and per_channel(out, slope) and per_channel(out, scale):
             return ops.hardtanh_sign_grad(out, slope, scale, grad_out, grad_sign)
         return _hardtanh_sign_grad(out, slope, scale, grad_out, grad_sign)
 
