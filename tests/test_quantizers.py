@@ -340,7 +340,7 @@ def test_cpp_sign_kernels_per_dtype_and_instruction_set(dtype, isa, monkeypatch)
 @pytest.mark.skipif(not kernels_available("sign"), reason="the C++ sign kernels need a C++ compiler")
 @pytest.mark.parametrize("estimator", ["dte", "ede"])
 def test_cpp_kernels_match_eager_in_quantizers(estimator):
-    """Activations (per-channel, C++) and IMB weights (per output channel: the eager fallback)."""
+    """Activations (per-channel) and IMB weights (per output channel, :func:`fused_imb`)."""
     from zoo.quant import estimators
     from zoo.quant.binary import IMBWeight
 
@@ -357,6 +357,36 @@ def test_cpp_kernels_match_eager_in_quantizers(estimator):
     assert torch.equal(fused[0], eager[0]) and torch.equal(fused[2], eager[2])
     torch.testing.assert_close(fused[1], eager[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused[3], eager[3], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not kernels_available("sign"), reason="the C++ sign kernels need a C++ compiler")
+@pytest.mark.parametrize("distribution_aware", [True, False])
+def test_fused_imb_against_float64_autograd_of_its_formula(distribution_aware):
+    """The C++ IMB (values and the closed-form backward through the standardisation) against float64
+    autograd of ``s * k tanh(t w_hat / sigma)``, whose gradient is the estimator's."""
+    from zoo.quant import estimators
+
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(6, 5, 3, 3, generator=gen) * 0.05 + 0.01
+    g = torch.randn(w.shape, generator=gen)
+    est = TanhEstimator(t=2.5, distribution_aware=distribution_aware)
+    assert estimators.use_kernels("cpp") == "cpp"
+    try:
+        x = w.clone().requires_grad_()
+        values = estimators.fused_imb(x, est)
+        (values * g).sum().backward()
+    finally:
+        estimators.use_kernels("eager")
+    assert estimators.fused_imb(w, est) is None  # eager kernels: IMBWeight's autograd formula
+
+    wd = w.double().requires_grad_()
+    dims = (1, 2, 3)
+    w_hat = (wd - wd.mean(dims, keepdim=True)) / wd.std(dims, keepdim=True)
+    scale = 2.0 ** torch.round(torch.log2(w_hat.detach().abs().mean(dims, keepdim=True)))
+    sigma = w_hat.detach().std(dims, keepdim=True) if distribution_aware else torch.ones(())
+    assert torch.equal(values.double(), torch.where(w_hat >= 0, 1.0, -1.0) * scale)
+    (g.double() * scale * torch.tanh(2.5 / sigma * w_hat)).sum().backward()  # k = max(1/t, 1) = 1
+    torch.testing.assert_close(x.grad.double(), wd.grad, rtol=1e-4, atol=1e-4 * wd.grad.abs().max().item())
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,14 @@
 // Tensors are float32 or bfloat16 (bf16 autocast training): bf16 values are widened to float32, all
 // arithmetic runs in float32 and results are rounded back to nearest-even, as c10::BFloat16 does; the
 // statistics (channel_std) are float32 for either.
-// slope and scale hold one value or one per channel (dim 1 of NCHW). tanh is SLEEF's 3.5-ULP
+//   imb_forward(w)                  = IMB of a weight viewed as [out channels, fan-in], per row j:
+//                                     w_hat = (w - mean_j) / std_j (unbiased, std_j >= 1e-12),
+//                                     s_j = 2^round(log2(mean_j |w_hat|)), values sign(w_hat) s_j, and
+//                                     DTE's sigma_j = std_j(w_hat) (>= 1e-8); float32
+//   imb_backward(g, w_hat, std, s, slope, scale)
+//                                   = its gradient: with h = g s_j scale_j (1 - tanh(slope_j w_hat)^2),
+//                                     (h - mean_j h - w_hat sum_j(h w_hat) / (n - 1)) / std_j
+// slope and scale hold one value or one per channel (dim 1 of NCHW; the row of imb_backward). tanh is SLEEF's 3.5-ULP
 // vector tanh (as exported by libtorch_cpu; several times faster than the 1-ULP one), so the
 // surrogate gradient matches eager PyTorch to a few units in the last place.
 
@@ -408,6 +415,90 @@ at::Tensor tanh_grad_pass(const char* name, const at::Tensor& x, const at::Tenso
   return out;
 }
 
+void check_rows(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2, what,
+              ": expected a 2-D float32 CPU tensor (output channels x fan-in), got ", x.scalar_type(), " of ",
+              x.dim(), " dims on ", x.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> imb_forward(const at::Tensor& w) {
+  check_rows(w, "imb_forward");
+  at::Tensor in = w.contiguous();
+  const int64_t rows = in.size(0), n = in.size(1);
+  at::Tensor values = at::empty_like(in), w_hat = at::empty_like(in);
+  at::Tensor stds = at::empty({rows}, in.options()), scales = at::empty({rows}, in.options());
+  at::Tensor sigmas = at::empty({rows}, in.options());
+  const float* src = in.data_ptr<float>();
+  float *vp = values.data_ptr<float>(), *hp = w_hat.data_ptr<float>();
+  float *stdp = stds.data_ptr<float>(), *scp = scales.data_ptr<float>(), *sgp = sigmas.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* p = src + r * n;
+      float *h = hp + r * n, *v = vp + r * n;
+      double sum = 0.0;
+      for (int64_t i = 0; i < n; ++i) sum += p[i];
+      const float mean = static_cast<float>(sum / n);
+      double centred = 0.0;  // two passes, as torch.std
+      for (int64_t i = 0; i < n; ++i) centred += static_cast<double>(p[i] - mean) * (p[i] - mean);
+      const float std = std::max(static_cast<float>(std::sqrt(centred / std::max<int64_t>(n - 1, 1))), 1e-12f);
+      double abs_sum = 0.0, h_sum = 0.0, h_sq = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        h[i] = (p[i] - mean) / std;
+        abs_sum += std::fabs(h[i]);
+        h_sum += h[i];
+        h_sq += static_cast<double>(h[i]) * h[i];
+      }
+      // 2^round(log2(mean |w_hat|)), round half to even as torch.round
+      const float scale = std::exp2(std::nearbyint(std::log2(static_cast<float>(abs_sum / n))));
+      for (int64_t i = 0; i < n; ++i) v[i] = h[i] >= 0.f ? scale : -scale;
+      const double h_mean = h_sum / n;
+      const double var = std::max(h_sq / n - h_mean * h_mean, 0.0) * n / std::max<int64_t>(n - 1, 1);
+      stdp[r] = std;
+      scp[r] = scale;
+      sgp[r] = std::max(static_cast<float>(std::sqrt(var)), 1e-8f);
+    }
+  });
+  return {values, w_hat, stds, scales, sigmas};
+}
+
+at::Tensor imb_backward(const at::Tensor& grad, const at::Tensor& w_hat, const at::Tensor& stds,
+                        const at::Tensor& scales, const at::Tensor& slope, const at::Tensor& scale) {
+  check_rows(grad, "imb_backward");
+  check_rows(w_hat, "imb_backward");
+  TORCH_CHECK(grad.sizes() == w_hat.sizes(), "imb_backward: grad and w_hat must have the same shape");
+  const int64_t rows = w_hat.size(0), n = w_hat.size(1);
+  at::Tensor gs = grad.contiguous(), hs = w_hat.contiguous();
+  at::Tensor sd = stds.to(at::kFloat).contiguous().view(-1), ss = scales.to(at::kFloat).contiguous().view(-1);
+  at::Tensor sl = slope.to(at::kFloat).contiguous().view(-1), sc = scale.to(at::kFloat).contiguous().view(-1);
+  TORCH_CHECK(sd.numel() == rows && ss.numel() == rows, "imb_backward: one std and one scale per row");
+  TORCH_CHECK(sl.numel() == sc.numel() && (sl.numel() == 1 || sl.numel() == rows),
+              "imb_backward: slope and scale must hold one value or one per row");
+  at::Tensor out = at::empty_like(hs);
+  const float *gp = gs.data_ptr<float>(), *hp = hs.data_ptr<float>(), *sdp = sd.data_ptr<float>();
+  const float *ssp = ss.data_ptr<float>(), *slp = sl.data_ptr<float>(), *scp = sc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool per_row = sl.numel() != 1;
+  const TanhSpan<float> span = select_tanh_span<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t c = per_row ? r : 0;
+      const float* h = hp + r * n;
+      float* o = op + r * n;
+      span(h, gp + r * n, nullptr, slp[c], ssp[r] * scp[c], o, n);  // the gradient of w_hat
+      double sum = 0.0, dot = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        sum += o[i];
+        dot += static_cast<double>(o[i]) * h[i];
+      }
+      const float mean = static_cast<float>(sum / n), inv_std = 1.f / sdp[r];
+      // through std_j, unless it was clamped (no gradient there)
+      const float proj = sdp[r] > 1e-12f ? static_cast<float>(dot / std::max<int64_t>(n - 1, 1)) : 0.f;
+      for (int64_t i = 0; i < n; ++i) o[i] = (o[i] - mean - h[i] * proj) * inv_std;
+    }
+  });
+  return out;
+}
+
 at::Tensor tanh_grad(const at::Tensor& x, const at::Tensor& slope, const at::Tensor& scale, const at::Tensor& grad) {
   return tanh_grad_pass("tanh_grad", x, slope, scale, grad, at::Tensor());
 }
@@ -427,5 +518,8 @@ TORCH_LIBRARY(zoo_sign, m) {
   m.def("hardtanh_sign_std(Tensor x) -> (Tensor, Tensor, Tensor)", &hardtanh_sign_std);
   m.def("hardtanh_sign_grad(Tensor out, Tensor slope, Tensor scale, Tensor grad_out, Tensor grad_sign) -> Tensor",
         &hardtanh_sign_grad);
+  m.def("imb_forward(Tensor w) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", &imb_forward);
+  m.def("imb_backward(Tensor grad, Tensor w_hat, Tensor std, Tensor scale_imb, Tensor slope, Tensor scale) -> Tensor",
+        &imb_backward);
   m.def("loaded() -> bool", [] { return true; });
 }

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Quantizer, WeightQuantizer, channel_dims
-from .estimators import Estimator, TanhEstimator, make_estimator, sign
+from .estimators import Estimator, TanhEstimator, fused_imb, make_estimator, sign
 
 
 class Sign(Quantizer):
@@ -110,6 +110,10 @@ class IMBWeight(_BinaryWeight):
 
     def __init__(self, bits: int = 1, estimator: str | Estimator | None = "dte") -> None:
         super().__init__(bits, estimator)
+
+    def quantize(self, w: Tensor) -> Tensor:
+        fused = fused_imb(w, self.estimator)  # the C++ kernels, when in use
+        return super().quantize(w) if fused is None else fused
 
     def signed_input_and_scale(self, w: Tensor) -> tuple[Tensor, Tensor]:
         dims = channel_dims(w, 0)

@@ -57,6 +57,7 @@ _EAGER = {
     "sign_std": _sign_and_std,
     "hardtanh_sign_std": _hardtanh_sign_std,
     "hardtanh_sign_grad": _hardtanh_sign_grad,
+    "imb": None,  # no eager kernel: IMBWeight's autograd formula
 }
 _KERNELS = dict(_EAGER)
 
@@ -113,7 +114,13 @@ def _cpp_kernels() -> dict:
             return ops.hardtanh_sign_grad(out, slope, scale, grad_out, grad_sign)
         return _hardtanh_sign_grad(out, slope, scale, grad_out, grad_sign)
 
+    def imb(w: Tensor, estimator: TanhEstimator) -> Tensor | None:
+        if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() >= 2:
+            return _IMBSignFunction.apply(w, estimator, ops)
+        return None
+
     return {
+        "imb": imb,
         "sign": sign,
         "tanh_grad": tanh_grad,
         "std": std,
@@ -324,6 +331,35 @@ def hardtanh_sign(x: Tensor, estimator: TanhEstimator, channel_dim: int = 1) -> 
     + std, then the sign's backward, the sum of the two gradients of ``out`` and hardtanh's mask.
     Same values and gradients as ``out = F.hardtanh(x); sign(out, estimator, channel_dim)``."""
     return _HardtanhSignFunction.apply(x, estimator, channel_dim)
+
+
+class _IMBSignFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: Tensor, estimator: TanhEstimator, ops) -> Tensor:
+        values, w_hat, std, scale, sigma = ops.imb_forward(w.reshape(w.shape[0], -1))
+        ctx.estimator, ctx.ops = estimator, ops
+        ctx.save_for_backward(w_hat, std, scale, sigma if estimator.needs_sigma else None)
+        return values.view(w.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w_hat, std, scale, sigma = ctx.saved_tensors
+        slope, k_slope = ctx.estimator._slope_scale(w_hat, sigma)
+        grad_w = ctx.ops.imb_backward(grad.reshape(w_hat.shape), w_hat, std, scale, slope, k_slope)
+        return grad_w.view(grad.shape), None, None
+
+
+def fused_imb(w: Tensor, estimator: Estimator) -> Tensor | None:
+    """IMB's quantized weight ``sign(w_hat) * s`` (:class:`zoo.quant.binary.IMBWeight`) with a tanh
+    estimator, in one C++ pass forward and one backward instead of autograd through mean, std,
+    standardisation and sign (:func:`use_kernels` ``cpp``, float32 weights); None where that does not
+    apply. The backward is the closed form of the standardisation's: with ``h`` the estimator's
+    gradient of ``w_hat`` per output channel of ``n`` weights,
+    ``dL/dw = (h - mean(h) - w_hat * sum(h * w_hat) / (n - 1)) / std``."""
+    kernel = _KERNELS["imb"]
+    if kernel is None or not isinstance(estimator, TanhEstimator):
+        return None
+    return kernel(w, estimator)
 
 
 def channel_std(x: Tensor, channel_dim: int) -> Tensor:
