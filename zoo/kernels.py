@@ -2,7 +2,7 @@
 
 * ``xnor``: XNOR-popcount inference kernels of :func:`zoo.deploy` (``torch.ops.zoo_xnor``).
 * ``sign``: fused training kernels of the binary activation quantizer (``torch.ops.zoo_sign``,
-  :func:`zoo.quant.estimators.use_cpp_kernels`).
+  :func:`zoo.quant.estimators.use_kernels` ``"cpp"``).
 
 Each is its own library, so one that cannot load (e.g. a torch build without the vector math
 the sign kernels link against) does not take the other down.

@@ -67,8 +67,8 @@ KERNEL_KINDS = ("eager", "compiled", "cpp")
 
 def _cpp_kernels() -> dict:
     """The fused C++ kernels (``zoo/csrc/sign.cpp``) where they apply (float32 or bfloat16 CPU tensors
-    of one dtype, NCHW per-channel statistics over dim 1; the statistics come back in float32), the
-    eager functions elsewhere (e.g. per-output-channel weights)."""
+    of one dtype, NCHW per-channel statistics over dim 1; the statistics come back in float32; IMB's
+    float32 weights), the eager functions elsewhere (e.g. the sign of XNOR's per-output-channel weights)."""
     from ..kernels import load
 
     ops = load("sign")
@@ -131,7 +131,8 @@ def _cpp_kernels() -> dict:
 
 
 def use_kernels(kind: str = "eager") -> str:
-    """How the element-wise parts of ``sign`` run (forward values, EDE/DTE backward, DTE's channel std).
+    """How the element-wise parts of ``sign`` run (forward values, EDE/DTE backward, DTE's channel std;
+    with ``cpp`` also the fused hardtanh + sign and IMB, :func:`hardtanh_sign`, :func:`fused_imb`).
 
     * ``eager``: PyTorch ops (default).
     * ``compiled``: ``torch.compile`` fuses their passes (each new shape compiles once, seconds).
