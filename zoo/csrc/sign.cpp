@@ -1,4 +1,4 @@
-// Fused training kernels of the binary activation quantizer (sign with the EDE/DTE estimator),
+// Fused training kernels of the binary quantizers (sign with the EDE/DTE estimator, IMB weights),
 // each one pass over memory instead of the several passes of eager PyTorch:
 //   sign_values(x)                  = x >= 0 ? +1 : -1                       (sign(0) = +1)
 //   channel_std(x)                  = unbiased std per channel of NCHW x, clamped at 1e-8,
@@ -9,19 +9,19 @@
 //   hardtanh_sign_grad(out, slope, scale, g_out, g_sign)
 //                                   = (g_out + tanh_grad(out, slope, scale, g_sign)) * (|out| < 1): the
 //                                     backward of a hardtanh whose output also feeds a sign, one pass
-// Tensors are float32 or bfloat16 (bf16 autocast training): bf16 values are widened to float32, all
-// arithmetic runs in float32 and results are rounded back to nearest-even, as c10::BFloat16 does; the
-// statistics (channel_std) are float32 for either.
 //   imb_forward(w)                  = IMB of a weight viewed as [out channels, fan-in], per row j:
 //                                     w_hat = (w - mean_j) / std_j (unbiased, std_j >= 1e-12),
 //                                     s_j = 2^round(log2(mean_j |w_hat|)), values sign(w_hat) s_j, and
-//                                     DTE's sigma_j = std_j(w_hat) (>= 1e-8); float32
+//                                     DTE's sigma_j = std_j(w_hat) (>= 1e-8)
 //   imb_backward(g, w_hat, std, s, slope, scale)
 //                                   = its gradient: with h = g s_j scale_j (1 - tanh(slope_j w_hat)^2),
 //                                     (h - mean_j h - w_hat sum_j(h w_hat) / (n - 1)) / std_j
-// slope and scale hold one value or one per channel (dim 1 of NCHW; the row of imb_backward). tanh is SLEEF's 3.5-ULP
-// vector tanh (as exported by libtorch_cpu; several times faster than the 1-ULP one), so the
-// surrogate gradient matches eager PyTorch to a few units in the last place.
+// slope and scale hold one value or one per channel (dim 1 of NCHW; the row of imb_backward).
+// The activation kernels take float32 or bfloat16 (bf16 autocast training): bf16 values are widened
+// to float32, all arithmetic runs in float32 and results are rounded back to nearest even, as
+// c10::BFloat16 does; the statistics are float32 for either. The IMB kernels take float32 (weights).
+// tanh is SLEEF's 3.5-ULP vector tanh (as exported by libtorch_cpu; several times faster than the
+// 1-ULP one), so the surrogate gradient matches eager PyTorch to a few units in the last place.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -64,7 +64,7 @@ void check_same_dtype(const at::Tensor& x, const at::Tensor& other, const char* 
               x.scalar_type(), " and ", other.scalar_type());
 }
 
-// Run ``body.template operator()<T>()`` with T = float or BF16 for x's dtype.
+// ``body(T())`` with T = float or BF16 for x's dtype (a generic lambda takes the tag).
 template <typename Body>
 auto dispatch(const at::Tensor& x, Body&& body) {
   if (x.scalar_type() == at::kBFloat16) return body(BF16());
