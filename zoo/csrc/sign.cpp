@@ -66,9 +66,12 @@ void check_same_dtype(const at::Tensor& x, const at::Tensor& other, const char* 
 
 // ``body(T())`` with T = float or BF16 for x's dtype (a generic lambda takes the tag).
 template <typename Body>
-auto dispatch(const at::Tensor& x, Body&& body) {
-  if (x.scalar_type() == at::kBFloat16) return body(BF16());
-  return body(float());
+void dispatch(const at::Tensor& x, Body&& body) {
+  if (x.scalar_type() == at::kBFloat16) {
+    body(BF16());
+  } else {
+    body(float());
+  }
 }
 
 inline float widen(float v) { return v; }
@@ -144,7 +147,6 @@ at::Tensor sign_values(const at::Tensor& x) {
     at::parallel_for(0, in.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) dst[i] = widen(src[i]) >= 0.f ? one : minus_one;
     });
-    return 0;
   });
   return out;
 }
@@ -278,7 +280,6 @@ at::Tensor channel_std(const at::Tensor& x) {
   dispatch(in, [&](auto tag) {
     using T = decltype(tag);
     sign_std_pass<T>(in, nullptr, stds.data_ptr<float>());
-    return 0;
   });
   return stds;
 }
@@ -290,7 +291,6 @@ std::tuple<at::Tensor, at::Tensor> sign_and_std(const at::Tensor& x) {
   dispatch(in, [&](auto tag) {
     using T = decltype(tag);
     sign_std_pass<T>(in, values.data_ptr<T>(), stds.data_ptr<float>());
-    return 0;
   });
   return {values, stds};
 }
@@ -302,7 +302,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hardtanh_sign_std(const at::Tenso
   dispatch(in, [&](auto tag) {
     using T = decltype(tag);
     sign_std_pass<T>(in, values.data_ptr<T>(), stds.data_ptr<float>(), out.data_ptr<T>());
-    return 0;
   });
   return {out, values, stds};
 }
@@ -410,7 +409,6 @@ at::Tensor tanh_grad_pass(const char* name, const at::Tensor& x, const at::Tenso
         span(xp + start, gp + start, pp == nullptr ? nullptr : pp + start, slp[ch], scp[ch], op + start, count);
       }
     });
-    return 0;
   });
   return out;
 }
