@@ -33,12 +33,32 @@ def test_zoo_list_info_eval(tmp_path, tiny_zip, monkeypatch, capsys):
     out = capsys.readouterr().out
     # the bits column comes from the name, not from the tag (which has an underscore here)
     row = next(line.split() for line in out.splitlines() if line.startswith("resnet20_w1a1.test_cifar10"))
-    assert row[:4] == ["resnet20_w1a1.test_cifar10", "w1a1", "cifar10", "10.00"] and row[-1] == "kB"
+    assert row[:4] == ["resnet20_w1a1.test_cifar10", "w1a1", "cifar10", "10.00"] and row[-2:] == ["kB", "yes"]
     assert zoo_main(["info", "resnet20_w1a1"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "resnet20_w1a1.test_cifar10"
     assert zoo_main(["eval", "resnet20_w1a1", "--data", str(tiny_zip)]) == 0
     out = capsys.readouterr().out
     assert "40 images" in out and "top-1" in out and "(card: 10.0)" in out
+
+
+def test_list_and_table_mark_the_checkpoint_an_untagged_name_loads(tmp_path, monkeypatch, capsys):
+    folder = _published(tmp_path)
+    card = {"name": "resnet20_w1a1.better_cifar10", "top1": 20.0, "dataset": "cifar10"}
+    zoo.save_packed(zoo.create_model("resnet20_w1a1"), folder / "resnet20_w1a1.better_cifar10.safetensors", card)
+    monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(folder))
+
+    def marked() -> tuple[list[str], list[str]]:
+        assert zoo_main(["list", "--pretrained"]) == 0
+        listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.endswith(" yes")]
+        assert zoo_main(["table"]) == 0
+        bold = [line.split("`")[1] for line in capsys.readouterr().out.splitlines() if line.startswith("| **`")]
+        return listed, bold
+
+    assert marked() == (["resnet20_w1a1.better_cifar10"], ["resnet20_w1a1.better_cifar10"])  # best top-1
+    pinned = folder / "resnet20_w1a1.test_cifar10.json"
+    pinned.write_text(json.dumps({**json.loads(pinned.read_text()), "default": True}))  # a card can pin it
+    assert marked() == (["resnet20_w1a1.test_cifar10"], ["resnet20_w1a1.test_cifar10"])
+    assert zoo.model_card("resnet20_w1a1")["name"] == "resnet20_w1a1.test_cifar10"
 
 
 def test_cards_name_their_teacher_and_starting_point(tmp_path, monkeypatch):
@@ -147,7 +167,7 @@ def test_model_table_is_written_into_its_block(tmp_path, monkeypatch, capsys):
     readme.write_text("intro\n<!-- model-table:start -->\nold\n<!-- model-table:end -->\nrest\n")
     assert zoo_main(["table", "--write", str(readme)]) == 0
     text = readme.read_text()
-    assert "old" not in text and "| `resnet20_w1a1.test_cifar10` | 1/1 |" in text and text.endswith("rest\n")
+    assert "old" not in text and "| **`resnet20_w1a1.test_cifar10`** | 1/1 |" in text and text.endswith("rest\n")
     readme.write_text("no markers\n")
     assert zoo_main(["table", "--write", str(readme)]) == 2
     assert "<!-- model-table:start -->" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from . import list_models, load, model_card
 from .data import DATASETS, evaluate, find_dataset, load_split, normalize
 from .markdown import write_block
 from .packing import _atomic_write, load_packed
-from .registry import _cards, parse_name
+from .registry import _cards, default_checkpoints, parse_name
 
 
 def _size(n: int | None) -> str:
@@ -23,6 +23,7 @@ def _size(n: int | None) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     cards = {card["name"]: card for card in _cards()}
     with_ckpt = {parse_name(n).base for n in cards}
+    defaults = default_checkpoints()
     rows = []
     for name in list_models(args.pattern, pretrained=True if args.pretrained else None):
         card = cards.get(name)
@@ -36,9 +37,10 @@ def cmd_list(args: argparse.Namespace) -> int:
                 card.get("dataset", "-").split(" ")[0] if card else "-",
                 f"{top1:.2f}" if top1 is not None else "-",
                 _size(card.get("file_bytes")) if card else "-",
+                "yes" if name in defaults else "",
             ]
         )
-    header = ["name", "bits", "dataset", "top-1", "size"]
+    header = ["name", "bits", "dataset", "top-1", "size", "default"]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -46,7 +48,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def model_table() -> str:
-    """The Markdown table of published checkpoints, generated from their cards."""
+    """The Markdown table of published checkpoints, generated from their cards.
+
+    **Bold** names are the defaults, what the untagged name loads."""
+    defaults = default_checkpoints()
     lines = [
         "| name | W/A bits | method | test top-1 | paper | epochs | file | vs float |",
         "|---|---|---|---|---|---|---|---|",
@@ -54,8 +59,9 @@ def model_table() -> str:
     for card in sorted(_cards(), key=lambda c: c["name"]):
         ratio = card["float_bytes"] / card["file_bytes"] if card.get("float_bytes") else None
         top1 = card.get("top1")
+        name = f"**`{card['name']}`**" if card["name"] in defaults else f"`{card['name']}`"
         lines.append(
-            f"| `{card['name']}` | {card['weight_bits']}/{card['act_bits']} | {card.get('method', '-')} | "
+            f"| {name} | {card['weight_bits']}/{card['act_bits']} | {card.get('method', '-')} | "
             f"{f'{top1:.2f}' if top1 is not None else 'not measured'} | {card.get('paper_top1', '-')} | "
             f"{card.get('epochs_total', card.get('epochs', '-'))} | {_size(card.get('file_bytes'))} | "
             f"{f'1/{ratio:.1f}' if ratio else '-'} |"
@@ -234,7 +240,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", help="table of models: name, bits, dataset, top-1, size")
+    p = sub.add_parser("list", help="table of models: name, bits, dataset, top-1, size, default checkpoint")
     p.add_argument("pattern", nargs="?", default=None, help="glob, e.g. '*w1a1*'")
     p.add_argument("--pretrained", action="store_true", help="only models with checkpoints")
     p.set_defaults(func=cmd_list)

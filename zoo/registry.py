@@ -225,6 +225,11 @@ def resolve_card(name: str) -> dict[str, Any]:
     return defaults[0] if defaults else max(cards, key=lambda c: c.get("top1") or 0.0)
 
 
+def default_checkpoints() -> set[str]:
+    """Full names (``arch_bits.tag``) of the checkpoints that untagged names load."""
+    return {resolve_card(base)["name"] for base in {parse_name(c["name"]).base for c in _cards()}}
+
+
 def model_card(name: str) -> dict[str, Any]:
     """The model card (a dict) of ``name``'s checkpoint."""
     return {k: v for k, v in resolve_card(name).items() if not k.startswith("_")}
