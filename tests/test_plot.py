@@ -27,6 +27,24 @@ def test_zoo_plot_writes_a_png(tmp_path):
         plot_zoo(CARDS[2:], tmp_path / "empty.png")
 
 
+def test_zoo_plot_labels_defaults_by_their_untagged_name_and_fades_other_tags(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = {"labels": [], "alphas": []}
+    annotate, scatter = Axes.annotate, Axes.scatter
+    monkeypatch.setattr(
+        Axes, "annotate", lambda ax, text, *a, **k: drawn["labels"].append(text) or annotate(ax, text, *a, **k)
+    )
+    monkeypatch.setattr(
+        Axes, "scatter", lambda ax, *a, **k: drawn["alphas"].append(k.get("alpha")) or scatter(ax, *a, **k)
+    )
+    older = {**CARDS[1], "name": "resnet20_w1a1.older", "top1": 60.0, "paper_top1": 86.5}
+    plot_zoo([*CARDS, older], tmp_path / "zoo.png", defaults={"resnet20_fp.cifar10", "resnet20_w1a1.dirnet"})
+    assert drawn["labels"] == ["resnet20_fp", "resnet20_w1a1"]  # what users type; the older tag is unlabelled
+    assert drawn["alphas"].count(0.3) == 1  # the older tag, faded
+    assert len(drawn["alphas"]) == 4  # 3 measured points + resnet20_fp's paper marker: none for the older tag
+
+
 def test_zoo_plot_command_uses_the_published_cards(tmp_path):
     assert zoo_main(["plot", "--out", str(tmp_path / "zoo.png")]) == 0
     assert (tmp_path / "zoo.png").read_bytes().startswith(PNG)

@@ -85,7 +85,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plot import plot_zoo
 
-    print(f"wrote {plot_zoo(_cards(), args.out)}")
+    print(f"wrote {plot_zoo(_cards(), args.out, defaults=default_checkpoints())}")
     return 0
 
 

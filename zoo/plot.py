@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_zoo(cards: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Test top-1 vs checkpoint size on disk (log scale), one labelled point per card; the paper's
-    number for the same row as a hollow marker at the same size."""
+def plot_zoo(cards: Iterable[dict[str, Any]], path: str | os.PathLike, defaults: Collection[str] | None = None) -> Path:
+    """Test top-1 vs checkpoint size on disk (log scale), one point per card; the paper's number for
+    the same row as a hollow marker at the same size. With ``defaults`` (full names of the default
+    checkpoints) those are labelled by the untagged name users type and the other tags are faded, unlabelled.
+    """
     plt = _pyplot()
     cards = [c for c in cards if c.get("top1") is not None and c.get("file_bytes")]
     if not cards:
@@ -50,15 +52,20 @@ def plot_zoo(cards: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path:
         bits = card.get("weight_bits", 32)
         color = f"C{min(bits, 8) % 10}"
         marker = markers.get(bits, "*")
-        ax.scatter(size_kb, card["top1"], marker=marker, color=color, zorder=3)
-        ax.annotate(card["name"], (size_kb, card["top1"]), textcoords="offset points", xytext=(5, -10), fontsize=7)
+        shown = defaults is None or card["name"] in defaults
+        ax.scatter(size_kb, card["top1"], marker=marker, color=color, zorder=3, alpha=1.0 if shown else 0.3)
+        if not shown:
+            continue
+        label = card["name"] if defaults is None else card["name"].split(".")[0]
+        ax.annotate(label, (size_kb, card["top1"]), textcoords="offset points", xytext=(5, -10), fontsize=7)
         if card.get("paper_top1") is not None:
             ax.scatter(size_kb, card["paper_top1"], marker=marker, facecolors="none", edgecolors=color, zorder=2)
             ax.plot([size_kb, size_kb], [card["top1"], card["paper_top1"]], color=color, lw=0.6, ls=":", zorder=1)
     ax.set_xscale("log")
     ax.set_xlabel("checkpoint size on disk (kB, log scale)")
     ax.set_ylabel("CIFAR-10 test top-1 (%)")
-    ax.set_title("zoo checkpoints (filled: measured; hollow: paper, full budget)")
+    faded = "" if defaults is None else "; faded: other tags"
+    ax.set_title(f"zoo checkpoints (filled: measured; hollow: paper, full budget{faded})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     out = _save(fig, Path(path))
     plt.close(fig)
