@@ -10,6 +10,8 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
+from .registry import parse_name
+
 
 def _pyplot():
     try:
@@ -56,7 +58,7 @@ def plot_zoo(cards: Iterable[dict[str, Any]], path: str | os.PathLike, defaults:
         ax.scatter(size_kb, card["top1"], marker=marker, color=color, zorder=3, alpha=1.0 if shown else 0.3)
         if not shown:
             continue
-        label = card["name"] if defaults is None else card["name"].split(".")[0]
+        label = card["name"] if defaults is None else parse_name(card["name"]).base
         ax.annotate(label, (size_kb, card["top1"]), textcoords="offset points", xytext=(5, -10), fontsize=7)
         if card.get("paper_top1") is not None:
             ax.scatter(size_kb, card["paper_top1"], marker=marker, facecolors="none", edgecolors=color, zorder=2)
