@@ -321,6 +321,41 @@ def test_resume_continues_epoch_and_schedules(tiny_zip, tmp_path):
     assert t_last == pytest.approx(expected, rel=1e-5)
 
 
+def test_estimator_schedules_give_weights_and_activations_their_own_t():
+    from types import SimpleNamespace
+
+    import zoo
+    from trainers import EstimatorSchedule
+
+    class Module(torch.nn.Module):  # what the callback uses of a LightningModule: modules() and log()
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.logged = zoo.create_model("resnet20_w1a1"), {}
+
+        def log(self, key: str, value: float) -> None:
+            self.logged[key] = value
+
+    module = Module()
+    weights = EstimatorSchedule(0.1, 1.0, quantizers="weights")
+    activations = EstimatorSchedule(0.3, 3.0, quantizers="activations")
+    assert weights.state_key != activations.state_key  # both fit in one Trainer
+    trainer = SimpleNamespace(current_epoch=1, num_training_batches=10, max_epochs=4)
+    for schedule in (weights, activations):
+        schedule.on_train_batch_start(trainer, module, None, 5)
+    progress = (1 + 5 / 10) / 4  # IR-Net's log-linear schedule at epoch 1.5 of 4
+    t_w = 10 ** (math.log10(0.1) + progress * (math.log10(1.0) - math.log10(0.1)))
+    t_a = 10 ** (math.log10(0.3) + progress * (math.log10(3.0) - math.log10(0.3)))
+    binary = [m for m in module.modules() if isinstance(m, zoo.QConv2d) and m.weight_bits == 1]
+    assert len(binary) == 18  # every 3x3 conv of ResNet-20 but the real stem
+    for conv in binary:
+        w, a = conv.weight_quantizer.estimator, conv.input_quantizer.estimator
+        assert (w.t.item(), w.k.item()) == (pytest.approx(t_w), pytest.approx(1 / t_w))
+        assert (a.t.item(), a.k.item()) == (pytest.approx(t_a), pytest.approx(max(1 / t_a, 1.0)))
+    assert module.logged == {"train/estimator_t_weights": t_w, "train/estimator_t_activations": t_a}
+    with pytest.raises(ValueError, match="quantizers must be one of"):
+        EstimatorSchedule(quantizers="inputs")
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_trains_and_syncs_metrics(tiny_zip, float_teacher, tmp_path):
     common = [

@@ -30,12 +30,29 @@ class EstimatorSchedule(pl.Callback):
     ``per_step=True`` grows ``t`` smoothly with the fractional epoch, which
     avoids the late jumps that wreck short runs. ``t`` follows from the
     trainer's epoch/step, so a resumed run continues the same schedule.
+
+    ``quantizers`` picks whose estimators this schedule drives: ``"all"`` (IR-Net:
+    one ``t`` for weights and activations), ``"weights"`` or ``"activations"`` (the
+    quantized layers' inputs). Two callbacks, one per role, give the weights and the
+    activations their own ranges [ours]: a weight's gradient vanishes at large ``t``
+    while the activations' surrogate gain compounds through the layers
+    (``benchmarks/estimator_gradients.py``), so the best ranges differ.
     """
 
-    def __init__(self, t_min: float = 1e-3, t_max: float = 10.0, per_step: bool = True) -> None:
+    ROLES = {"all": None, "weights": "weight_quantizer", "activations": "input_quantizer"}
+
+    def __init__(
+        self, t_min: float = 1e-3, t_max: float = 10.0, per_step: bool = True, quantizers: str = "all"
+    ) -> None:
         if not 0 < t_min <= t_max:
             raise ValueError(f"need 0 < t_min <= t_max, got t_min={t_min}, t_max={t_max}")
-        self.t_min, self.t_max, self.per_step = t_min, t_max, per_step
+        if quantizers not in self.ROLES:
+            raise ValueError(f"quantizers must be one of {sorted(self.ROLES)}, got {quantizers!r}")
+        self.t_min, self.t_max, self.per_step, self.quantizers = t_min, t_max, per_step, quantizers
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(quantizers=self.quantizers)
 
     def current_t(self, trainer: pl.Trainer, batch_idx: int) -> float:
         epoch = float(trainer.current_epoch)
@@ -43,16 +60,24 @@ class EstimatorSchedule(pl.Callback):
             epoch += batch_idx / trainer.num_training_batches
         return ede_schedule(epoch, max(trainer.max_epochs or 1, 1), self.t_min, self.t_max)[0]
 
+    def estimators(self, model: torch.nn.Module) -> list[TanhEstimator]:
+        """The EDE/DTE estimators this schedule drives in ``model``."""
+        role = self.ROLES[self.quantizers]
+        if role is None:
+            scope = [model]
+        else:
+            scope = [getattr(m, role) for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)]
+        return [e for part in scope for e in part.modules() if isinstance(e, TanhEstimator)]
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if not self.per_step and batch_idx != 0:
             return
         t = self.current_t(trainer, batch_idx)
-        for module in pl_module.modules():
-            if isinstance(module, TanhEstimator):
-                module.set_t(t)
-        pl_module.log("train/estimator_t", t)
+        for estimator in self.estimators(pl_module):
+            estimator.set_t(t)
+        pl_module.log("train/estimator_t" + ("" if self.quantizers == "all" else f"_{self.quantizers}"), t)
 
 
 def _data_fields(datamodule: Any) -> dict[str, Any]:
