@@ -21,6 +21,9 @@ from zoo.quant import LSQ, TanhEstimator, ede_schedule
 from zoo.quant.oscillation import dampening_grad, dampening_loss, dampening_weight, freeze_threshold
 from zoo.registry import resolve_card
 
+#: which quantizer of a quantized layer each EstimatorSchedule role drives (None: every estimator)
+ESTIMATOR_ROLES: dict[str, str | None] = {"all": None, "weights": "weight_quantizer", "activations": "input_quantizer"}
+
 
 class EstimatorSchedule(pl.Callback):
     """Drives ``t`` and ``k`` of every EDE/DTE estimator (IR-Net's schedule, official code):
@@ -39,15 +42,13 @@ class EstimatorSchedule(pl.Callback):
     (``benchmarks/estimator_gradients.py``), so the best ranges differ.
     """
 
-    ROLES = {"all": None, "weights": "weight_quantizer", "activations": "input_quantizer"}
-
     def __init__(
         self, t_min: float = 1e-3, t_max: float = 10.0, per_step: bool = True, quantizers: str = "all"
     ) -> None:
         if not 0 < t_min <= t_max:
             raise ValueError(f"need 0 < t_min <= t_max, got t_min={t_min}, t_max={t_max}")
-        if quantizers not in self.ROLES:
-            raise ValueError(f"quantizers must be one of {sorted(self.ROLES)}, got {quantizers!r}")
+        if quantizers not in ESTIMATOR_ROLES:
+            raise ValueError(f"quantizers must be one of {sorted(ESTIMATOR_ROLES)}, got {quantizers!r}")
         self.t_min, self.t_max, self.per_step, self.quantizers = t_min, t_max, per_step, quantizers
 
     @property
@@ -62,7 +63,7 @@ class EstimatorSchedule(pl.Callback):
 
     def estimators(self, model: torch.nn.Module) -> list[TanhEstimator]:
         """The EDE/DTE estimators this schedule drives in ``model``."""
-        role = self.ROLES[self.quantizers]
+        role = ESTIMATOR_ROLES[self.quantizers]
         if role is None:
             scope = [model]
         else:
