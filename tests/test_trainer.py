@@ -356,6 +356,15 @@ def test_estimator_schedules_give_weights_and_activations_their_own_t():
         EstimatorSchedule(quantizers="inputs")
 
 
+def test_export_card_text_fields_reject_what_the_cli_parsed_as_a_mapping():
+    from trainers import ExportPacked
+
+    # jsonargparse reads card: {method: "A, first: b"} as {"method": {"A, first": "b"}}
+    with pytest.raises(ValueError, match=r"\['method'\] must be text.*avoid ': '"):
+        ExportPacked("x.safetensors", card={"method": {"A, first": "b -> c"}})
+    assert ExportPacked("x.safetensors", card={"method": "A, first, b -> c"}).card["method"] == "A, first, b -> c"
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_trains_and_syncs_metrics(tiny_zip, float_teacher, tmp_path):
     common = [
