@@ -128,7 +128,7 @@ class ExportPacked(pl.Callback):
         self.path = str(Path(export_dir) / Path(path).name) if export_dir and not Path(path).is_absolute() else path
         self.card = dict(card or {})
         not_text = [key for key in ("method", "paper_source", "notes") if not isinstance(self.card.get(key, ""), str)]
-        if not_text:  # the CLI parses an unquoted "a: b" in a YAML string value as a mapping
+        if not_text:  # the CLI re-parses a string holding ": " as a mapping, quoted or not
             raise ValueError(
                 f"ExportPacked card fields {not_text} must be text, got {[self.card[k] for k in not_text]}; "
                 "avoid ': ' inside them (the config parser reads it as a mapping)"
