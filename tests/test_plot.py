@@ -76,3 +76,14 @@ def test_trainers_plot_command_errors_clearly(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0 and (tmp_path / "c.png").read_bytes().startswith(PNG)
+
+
+def test_zoo_plot_marks_a_model_by_its_fewest_bits(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    markers = []
+    scatter = Axes.scatter
+    monkeypatch.setattr(Axes, "scatter", lambda ax, *a, **k: markers.append(k["marker"]) or scatter(ax, *a, **k))
+    w32a1 = {"name": "resnet20_w32a1.x", "weight_bits": 32, "act_bits": 1, "top1": 78.0, "file_bytes": 1_086_352}
+    plot_zoo([CARDS[0], w32a1], tmp_path / "zoo.png")
+    assert markers == ["*", "*", "o"]  # float point + its paper marker; binary activations: the 1-bit circle

@@ -40,7 +40,8 @@ def _save(fig, path: Path) -> Path:
 
 def plot_zoo(cards: Iterable[dict[str, Any]], path: str | os.PathLike, defaults: Collection[str] | None = None) -> Path:
     """Test top-1 vs checkpoint size on disk (log scale), one point per card; the paper's number for
-    the same row as a hollow marker at the same size. With ``defaults`` (full names of the default
+    the same row as a hollow marker at the same size; marker and colour follow the model's fewest bits
+    (weights or activations). With ``defaults`` (full names of the default
     checkpoints) those are labelled by the untagged name users type and the other tags are faded, unlabelled.
     """
     plt = _pyplot()
@@ -51,7 +52,7 @@ def plot_zoo(cards: Iterable[dict[str, Any]], path: str | os.PathLike, defaults:
     markers = {1: "o", 2: "s", 3: "^", 4: "D"}
     for card in cards:
         size_kb = card["file_bytes"] / 1e3
-        bits = card.get("weight_bits", 32)
+        bits = min(card.get("weight_bits", 32), card.get("act_bits", 32))  # W32A1 is binary, not float
         color = f"C{min(bits, 8) % 10}"
         marker = markers.get(bits, "*")
         shown = defaults is None or card["name"] in defaults
