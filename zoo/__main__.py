@@ -62,7 +62,7 @@ def model_table() -> str:
         name = f"**`{card['name']}`**" if card["name"] in defaults else f"`{card['name']}`"
         lines.append(
             f"| {name} | {card['weight_bits']}/{card['act_bits']} | {card.get('method', '-')} | "
-            f"{f'{top1:.2f}' if top1 is not None else 'not measured'} | {card.get('paper_top1', '-')} | "
+            f"{f'{top1:.2f}' if top1 is not None else 'not measured'} | {card.get('paper_top1') or '-'} | "
             f"{card.get('epochs_total', card.get('epochs', '-'))} | {_size(card.get('file_bytes'))} | "
             f"{f'1/{ratio:.1f}' if ratio else '-'} |"
         )
