@@ -58,11 +58,11 @@ def model_table() -> str:
     ]
     for card in sorted(_cards(), key=lambda c: c["name"]):
         ratio = card["float_bytes"] / card["file_bytes"] if card.get("float_bytes") else None
-        top1 = card.get("top1")
+        top1, paper = card.get("top1"), card.get("paper_top1")
         name = f"**`{card['name']}`**" if card["name"] in defaults else f"`{card['name']}`"
         lines.append(
             f"| {name} | {card['weight_bits']}/{card['act_bits']} | {card.get('method', '-')} | "
-            f"{f'{top1:.2f}' if top1 is not None else 'not measured'} | {card.get('paper_top1') or '-'} | "
+            f"{f'{top1:.2f}' if top1 is not None else 'not measured'} | {'-' if paper is None else paper} | "
             f"{card.get('epochs_total', card.get('epochs', '-'))} | {_size(card.get('file_bytes'))} | "
             f"{f'1/{ratio:.1f}' if ratio else '-'} |"
         )
