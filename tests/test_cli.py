@@ -126,15 +126,30 @@ def test_python_m_zoo_runs_as_a_module():
     assert "resnet20_w1a1" in out.stdout and "vgg_small_w1a1" in out.stdout
 
 
-def test_reestimate_bn_writes_a_new_checkpoint(tmp_path, tiny_zip, capsys):
+def test_reestimate_bn_writes_a_new_checkpoint(tmp_path, tiny_zip, capsys, monkeypatch):
+    import zoo.__main__ as cli
+    from zoo.data import load_split, train_val_split
+
+    seen = []
+
+    def spy(images, *args):  # the images the statistics come from
+        seen.append(images)
+        return cli_batches(images, *args)
+
+    cli_batches = cli.training_batches
+    monkeypatch.setattr(cli, "training_batches", spy)
     source = _published(tmp_path) / "resnet20_w1a1.test_cifar10.safetensors"
     out = tmp_path / "reestimated.safetensors"
     args = ["reestimate-bn", str(source), "--out", str(out), "--data", str(tiny_zip), "--num-batches", "3"]
-    assert zoo_main([*args, "--batch-size", "16", "--eval"]) == 0
+    assert zoo_main([*args, "--batch-size", "16", "--val-size", "40", "--eval"]) == 0
     printed = capsys.readouterr().out
-    assert "from 3 batches" in printed and "test top-1 before" in printed and "test top-1 after" in printed
+    assert "from 3 batches" in printed and "val top-1 before" in printed and "val top-1 after" in printed
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["bn_reestimation"].startswith("3 batches of 16") and "top1" not in card
+    assert card["bn_reestimation"].startswith("3 batches of 16") and "crop + flip" in card["bn_reestimation"]
+    assert "top1" not in card
+    images, labels = load_split(tiny_zip, "train")
+    train_idx, _ = train_val_split(len(labels), 40, 0)
+    assert torch.equal(seen[0], images[train_idx])  # the validation images are held out
     before, after = zoo.load_packed(source), zoo.load_packed(out)
     assert not torch.equal(before.stem[1].running_mean, after.stem[1].running_mean)
     assert torch.equal(before.layer1[0].conv1.weight, after.layer1[0].conv1.weight)

@@ -116,6 +116,42 @@ def test_validation_split_is_carved_from_train_with_a_fixed_seed(tiny_zip):
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (16,)
 
 
+def test_train_val_split_partitions_and_the_datamodule_uses_it(tiny_zip):
+    from zoo.data import load_split, train_val_split
+
+    train, val = train_val_split(100, 30, seed=3)
+    assert len(val) == 30 and sorted(torch.cat([train, val]).tolist()) == list(range(100))
+    assert torch.equal(val, train_val_split(100, 30, seed=3)[1])
+    assert not torch.equal(val, train_val_split(100, 30, seed=4)[1])
+    with pytest.raises(ValueError, match="below the 100 training images"):
+        train_val_split(100, 100)
+    dm = CIFARDataModule(root=str(tiny_zip), val_size=40)
+    dm.setup("fit")
+    images, _ = load_split(tiny_zip, "train")
+    assert torch.equal(dm.val_set.images, images[train_val_split(len(images), 40, 0)[1]])
+
+
+def test_training_batches_are_seeded_normalized_and_augmented_as_in_training():
+    from zoo.data import normalize, training_batches
+
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    clean = list(training_batches(images, mean, std, num_batches=10, batch_size=16, augment=False, seed=1))
+    assert [len(b) for b in clean] == [16, 16, 16, 2]  # the images run out before num_batches
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(torch.cat(clean), normalize(images[order], mean, std))
+    augmented = torch.cat(list(training_batches(images, mean, std, 10, 16, augment=True, seed=1)))
+    padded = torch.nn.functional.pad(images[order], (4,) * 4).float()
+    for i in range(0, 50, 7):
+        windows = [padded[i, :, y : y + 8, x : x + 8] for y in range(9) for x in range(9)]
+        windows += [w.flip(2) for w in windows]
+        raw = augmented[i] * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+        assert any(torch.allclose(raw * 255, w, atol=1e-3) for w in windows)
+    assert not torch.equal(augmented, torch.cat(clean))
+    again = torch.cat(list(training_batches(images, mean, std, 10, 16, augment=True, seed=1)))
+    assert torch.equal(augmented, again)
+
+
 # ----------------------------------------------------------------------------- module
 
 

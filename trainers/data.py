@@ -17,25 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.data import DATASETS, load_split, normalize
-
-
-def random_crop_flip(
-    images: Tensor, padding: int = 4, flip: bool = True, generator: torch.Generator | None = None
-) -> Tensor:
-    """Batched pad-``padding`` random crop (zero padding, as torchvision's RandomCrop) and horizontal flip."""
-    n, c, h, w = images.shape
-    if padding:
-        padded = torch.nn.functional.pad(images, (padding,) * 4)
-        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
-        images = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-    if flip:
-        mask = torch.rand(n, generator=generator) < 0.5
-        images = torch.where(mask[:, None, None, None], images.flip(3), images)
-    return images
+from zoo.data import DATASETS, load_split, normalize, random_crop_flip, train_val_split
 
 
 def cutout(images: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:
@@ -117,8 +99,7 @@ class CIFARDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         images, labels = load_split(hp.root, "train", hp.dataset, hp.download)
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(hp.split_seed))
-        val_idx, train_idx = order[: hp.val_size], order[hp.val_size :]
+        train_idx, val_idx = train_val_split(len(labels), hp.val_size, hp.split_seed)
         if hp.train_subset:
             train_idx = train_idx[: hp.train_subset]
         self.train_set = TensorImages(images[train_idx], labels[train_idx], self._train_transform)

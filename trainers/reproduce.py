@@ -23,14 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 import zoo
-from zoo.data import DATASETS, evaluate, load_split, normalize
+from zoo.data import DATASETS, evaluate, load_split, training_batches
 from zoo.markdown import write_block
-
-from .data import random_crop_flip
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -148,14 +145,10 @@ def _test_top1(model, data: str | None, limit: int | None) -> float:
 def _reestimate_bn(model, data: str | None, num_batches: int = 50, batch_size: int = 128) -> None:
     """Re-estimate BatchNorm statistics from ``num_batches`` training batches with the training
     augmentation (pad-4 crop + flip), as Nagel et al. do; images and crops from seed 0, so every
-    row sees the same batches."""
+    row sees the same batches (a test measurement: no model is selected on it)."""
     images, _ = load_split(data, "train", _dataset(model))
-    generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(images), generator=generator)[: num_batches * batch_size]
     info = DATASETS[_dataset(model)]
-    torch.manual_seed(0)  # the crop offsets and flips
-    batches = (normalize(random_crop_flip(images[i]), info["mean"], info["std"]) for i in order.split(batch_size))
-    zoo.reestimate_bn(model, batches, num_batches)
+    zoo.reestimate_bn(model, training_batches(images, info["mean"], info["std"], num_batches, batch_size), num_batches)
 
 
 def _last_logged(metrics: Path, key: str) -> float | None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import list_models, load, model_card
-from .data import DATASETS, evaluate, find_dataset, load_split, normalize
+from .data import DATASETS, evaluate, find_dataset, load_split, train_val_split, training_batches
 from .markdown import write_block
 from .packing import _atomic_write, load_packed
 from .registry import _cards, default_checkpoints, parse_name
@@ -130,30 +130,32 @@ def cmd_repack(args: argparse.Namespace) -> int:
 
 
 def cmd_reestimate_bn(args: argparse.Namespace) -> int:
-    import torch
-
     from .bn import reestimate_bn
     from .packing import save_packed
 
     model, card, _ = _load_any(args.name)
     dataset = "cifar100" if model.num_classes == 100 else "cifar10"
     info = DATASETS[dataset]
-    images, _labels = load_split(args.data, "train", dataset)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
-    batches = (
-        normalize(images[order[i : i + args.batch_size]], info["mean"], info["std"])
-        for i in range(0, args.num_batches * args.batch_size, args.batch_size)
+    images, labels = load_split(args.data, "train", dataset)
+    train_idx, val_idx = train_val_split(len(labels), args.val_size, args.split_seed)
+    batches = training_batches(
+        images[train_idx], info["mean"], info["std"], args.num_batches, args.batch_size, not args.no_augment, args.seed
     )
     used = reestimate_bn(model, batches, args.num_batches)
     fields = _carried_fields(card, measured=False)
-    fields["bn_reestimation"] = f"{used} batches of {args.batch_size} training images (seed {args.seed})"
+    fields["bn_reestimation"] = (
+        f"{used} batches of {args.batch_size} training images "
+        f"({'clean' if args.no_augment else 'pad-4 crop + flip'}, seed {args.seed}), "
+        f"the {args.val_size} validation images (seed {args.split_seed}) held out"
+    )
     out = save_packed(model, args.out, fields)
     print(f"re-estimated BatchNorm statistics from {used} batches; wrote {args.out} ({_size(out['file_bytes'])})")
-    if args.eval:
-        test_images, test_labels = load_split(args.data, "test", dataset)
+    if args.eval and args.val_size:
+        val_images, val_labels = images[val_idx], labels[val_idx]
         for label, m in (("before", _load_any(args.name)[0]), ("after", model)):
-            top1 = evaluate(m, test_images, test_labels, info["mean"], info["std"])["top1"]
-            print(f"test top-1 {label:6s} {top1:.2f}")
+            top1 = evaluate(m, val_images, val_labels, info["mean"], info["std"])["top1"]
+            print(f"val top-1 {label:6s} {top1:.2f}")
+        print(f"keep it if validation improved, then `python -m zoo eval {args.out} --update-card` for test top-1")
     return 0
 
 
@@ -299,8 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None)
     p.add_argument("--num-batches", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval", action="store_true", help="print test top-1 before and after")
+    p.add_argument("--seed", type=int, default=0, help="order of the images, crops and flips")
+    p.add_argument("--no-augment", action="store_true", help="clean images instead of the training pad-4 crop + flip")
+    p.add_argument("--val-size", type=int, default=5000, help="training images held out for validation (as trained)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the validation split (as trained)")
+    p.add_argument("--eval", action="store_true", help="print validation top-1 before and after (model selection)")
     p.set_defaults(func=cmd_reestimate_bn)
     args = parser.parse_args(argv)
     try:
