@@ -156,6 +156,8 @@ def cmd_reestimate_bn(args: argparse.Namespace) -> int:
             top1 = evaluate(m, val_images, val_labels, info["mean"], info["std"])["top1"]
             print(f"val top-1 {label:6s} {top1:.2f}")
         print(f"keep it if validation improved, then `python -m zoo eval {args.out} --update-card` for test top-1")
+    elif args.eval:
+        print("no validation split (--val-size 0), so nothing to compare; `python -m zoo eval` gives test top-1")
     return 0
 
 
