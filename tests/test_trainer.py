@@ -340,21 +340,30 @@ def test_resume_continues_epoch_and_schedules(tiny_zip, tmp_path):
         *_data_args(tiny_zip),
         "--trainer.accelerator=cpu",
         "--trainer.logger.init_args.save_dir=logs",
-        "--trainer.logger.init_args.version=run",
         "--trainer.callbacks+=trainers.EstimatorSchedule",
         "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=2",
     ]
     _run_cli([*common, "--trainer.max_epochs=1"], cwd=tmp_path)
-    ckpt_dir = tmp_path / "logs" / "lightning_logs" / "run" / "checkpoints"
-    first = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    run_dir = tmp_path / "logs" / "lightning_logs" / "version_0"
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert first["epoch"] == 0 and first["global_step"] == 7  # 120 images / 16, drop_last
+    header = list(_metrics(run_dir)[0])
+    with (run_dir / "metrics.csv").open("a", newline="") as f:  # logged by an interrupted attempt after the checkpoint
+        csv.DictWriter(f, fieldnames=header).writerow({"epoch": 0, "step": 7, "train/loss": 9.5})
+    # no version given: --ckpt_path last resumes the newest run (Lightning alone would start version_1 from scratch)
     _run_cli([*common, "--trainer.max_epochs=2", "--ckpt_path=last"], cwd=tmp_path)
-    second = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    assert [p.name for p in run_dir.parent.iterdir()] == ["version_0"]
+    second = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert second["epoch"] == 1 and second["global_step"] == 14
     assert second["lr_schedulers"][0]["last_epoch"] == 14  # the LR schedule continued, not restarted
     t_last = second["state_dict"]["model.layer3.2.conv2.input_quantizer.estimator.t"].item()
     expected = 10 ** (math.log10(1e-3) + 4 * (1 + 6 / 7) / 2)  # set before batch 6 of 7 in epoch 1 of 2
     assert t_last == pytest.approx(expected, rel=1e-5)
+    rows = _metrics(run_dir)  # both attempts' rows, without the one logged after the checkpoint
+    assert [r["epoch"] for r in rows if r["val/top1"]] == ["0", "1"]
+    assert {r["epoch"] for r in rows if r["train/loss"]} == {"0", "1"}
+    assert "9.5" not in {r["train/loss"] for r in rows}
 
 
 def test_estimator_schedules_give_weights_and_activations_their_own_t():

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from .callbacks import ExportPacked
 
 
 class ZooCLI(LightningCLI):
     """LightningCLI whose model's ``num_classes`` comes from the data module, with a
-    configurable best-on-validation checkpoint (``--checkpoint.*``) and a CSV logger."""
+    configurable best-on-validation checkpoint (``--checkpoint.*``) and a CSV logger.
+
+    ``--ckpt_path last`` resumes the newest run of the logger's ``save_dir/name`` when no
+    ``--trainer.logger.init_args.version`` is given (Lightning would start a new ``version_N`` and,
+    finding no ``last.ckpt`` there, train from scratch), and keeps that run's ``metrics.csv``
+    (Lightning's CSV logger deletes it) up to the resumed step."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -29,8 +38,14 @@ class ZooCLI(LightningCLI):
             }
         )
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
+            _resume_newest_version(config.trainer.logger)
+
     def before_fit(self) -> None:
         """Record the preset files and the command line in the exported model card."""
+        _keep_metrics_history(self.trainer, self.config[self.subcommand].get("ckpt_path"))
         configs = [str(c) for c in (self.config[self.subcommand].get("config") or [])]
         for callback in self.trainer.callbacks:
             if isinstance(callback, ExportPacked):
@@ -42,6 +57,40 @@ def resume_checkpoint() -> ModelCheckpoint:
     """``last.ckpt`` after every epoch, for ``--ckpt_path last``. (Lightning's ``save_last`` only
     refreshes it when the monitored best improves, which would lose epochs on resume.)"""
     return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+
+
+def _resume_newest_version(logger) -> None:
+    """Point an unversioned CSV logger at the run whose ``checkpoints/last.ckpt`` is newest."""
+    if not (getattr(logger, "class_path", "") or "").endswith("CSVLogger") or logger.init_args.version is not None:
+        return
+    runs = Path(logger.init_args.save_dir) / (logger.init_args.name or "")
+    last = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if last:
+        logger.init_args.version = last[-1].parent.parent.name
+        rank_zero_info(f"--ckpt_path last: resuming {last[-1]}")
+
+
+def _keep_metrics_history(trainer: pl.Trainer, ckpt_path: str | None) -> None:
+    """Keep a resumed run's ``metrics.csv`` rows logged before the checkpoint's step.
+
+    Lightning's CSV logger deletes the file when its run directory exists; rows at or after the
+    checkpoint's ``global_step`` came from the interrupted attempt and are logged again."""
+    logger = trainer.logger
+    if not ckpt_path or not isinstance(logger, CSVLogger) or not trainer.is_global_zero:
+        return
+    metrics = Path(logger.log_dir) / "metrics.csv"
+    checkpoint = Path(logger.log_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not metrics.is_file() or not checkpoint.is_file():
+        return
+    step = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+    with metrics.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = list(reader.fieldnames or []), [r for r in reader if r["step"] and int(r["step"]) < step]
+    writer = logger.experiment  # deletes metrics.csv
+    with metrics.open("w", newline="") as f:
+        csv.DictWriter(f, fieldnames=header).writeheader()
+        csv.DictWriter(f, fieldnames=header).writerows(rows)
+    writer.metrics_keys = header  # later keys extend this header (the writer rewrites the file)
 
 
 def _relative(path: str) -> str:
