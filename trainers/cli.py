@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from .callbacks import ExportPacked
 
@@ -70,13 +70,14 @@ def _resume_newest_version(logger) -> None:
         rank_zero_info(f"--ckpt_path last: resuming {last[-1]}")
 
 
+@rank_zero_only  # DDP's other ranks run this CLI too, before they know their rank
 def _keep_metrics_history(trainer: pl.Trainer, ckpt_path: str | None) -> None:
     """Keep a resumed run's ``metrics.csv`` rows logged before the checkpoint's step.
 
     Lightning's CSV logger deletes the file when its run directory exists; rows at or after the
     checkpoint's ``global_step`` came from the interrupted attempt and are logged again."""
     logger = trainer.logger
-    if not ckpt_path or not isinstance(logger, CSVLogger) or not trainer.is_global_zero:
+    if not ckpt_path or not isinstance(logger, CSVLogger):
         return
     metrics = Path(logger.log_dir) / "metrics.csv"
     checkpoint = Path(logger.log_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
@@ -88,8 +89,9 @@ def _keep_metrics_history(trainer: pl.Trainer, ckpt_path: str | None) -> None:
         header, rows = list(reader.fieldnames or []), [r for r in reader if r["step"] and int(r["step"]) < step]
     writer = logger.experiment  # deletes metrics.csv
     with metrics.open("w", newline="") as f:
-        csv.DictWriter(f, fieldnames=header).writeheader()
-        csv.DictWriter(f, fieldnames=header).writerows(rows)
+        kept = csv.DictWriter(f, fieldnames=header)
+        kept.writeheader()
+        kept.writerows(rows)
     writer.metrics_keys = header  # later keys extend this header (the writer rewrites the file)
 
 
