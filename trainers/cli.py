@@ -44,7 +44,7 @@ class ZooCLI(LightningCLI):
             _resume_newest_version(config.trainer.logger)
 
     def before_fit(self) -> None:
-        """Record the preset files and the command line in the exported model card."""
+        """Keep a resumed run's metrics; record the preset files and the command line in the exported model card."""
         _keep_metrics_history(self.trainer, self.config[self.subcommand].get("ckpt_path"))
         configs = [str(c) for c in (self.config[self.subcommand].get("config") or [])]
         for callback in self.trainer.callbacks:
