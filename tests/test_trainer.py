@@ -366,6 +366,29 @@ def test_resume_continues_epoch_and_schedules(tiny_zip, tmp_path):
     assert "9.5" not in {r["train/loss"] for r in rows}
 
 
+def test_ckpt_path_last_picks_the_run_with_the_newest_last_checkpoint(tmp_path):
+    from jsonargparse import Namespace
+
+    from trainers.cli import _resume_newest_version
+
+    runs = tmp_path / "runs" / "lightning_logs"
+    for version, mtime in (("version_0", 2_000), ("version_1", 1_000), ("version_2", None)):
+        (runs / version / "checkpoints").mkdir(parents=True)
+        if mtime:  # version_2 has no last.ckpt (a run that never finished an epoch)
+            (runs / version / "checkpoints" / "last.ckpt").touch()
+            os.utime(runs / version / "checkpoints" / "last.ckpt", (mtime, mtime))
+
+    def logger(version=None, save_dir=tmp_path / "runs"):
+        init = Namespace(save_dir=str(save_dir), name="lightning_logs", version=version)
+        return Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=init)
+
+    newest, given, nothing = logger(), logger(version="mine"), logger(save_dir=tmp_path / "empty")
+    for config in (newest, given, nothing):
+        _resume_newest_version(config)
+    assert newest.init_args.version == "version_0"  # newest last.ckpt, not the highest number
+    assert given.init_args.version == "mine" and nothing.init_args.version is None
+
+
 def test_estimator_schedules_give_weights_and_activations_their_own_t():
     from types import SimpleNamespace
 
