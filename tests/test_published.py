@@ -55,6 +55,7 @@ ADVERTISED_CIFAR10 = [
     "resnet20_w2a2",
     "resnet18_fp",
     "resnet18_w1a1",
+    "vgg_small_fp",
     "vgg_small_w1a1",
 ]
 
