@@ -150,3 +150,21 @@ def test_torchvision_models_by_name_are_quantized_with_zoo_quantize():
     assert not any(isinstance(m, zoo.QConv2d) for m in build_model("torchvision:resnet18", 10).modules())
     with pytest.raises(ValueError, match=r"torchvision has no model 'resnet81'.*resnet18"):
         build_model("torchvision:resnet81", 10)
+
+
+def test_he_resnet_blocks_follow_he_et_al_and_share_the_ir_net_conv_shapes():
+    """resnet20_he: out = relu(BN2(conv2(relu(BN1(conv1 x)))) + A(x)), A = subsample + zero-pad
+    channels (He et al. 2016, option A); the same convs and BNs as the IR-Net resnet20, no head BN."""
+    torch.manual_seed(0)
+    model = _train_a_little(zoo.create_model("resnet20_he_fp"))
+    block = model.layer2[0]  # 16 -> 32 channels, stride 2
+    x = torch.relu(torch.randn(2, 16, 8, 8))
+    f = nn.functional
+    inner = f.relu(block.bn1(f.conv2d(x, block.conv1.weight, stride=2, padding=1)))
+    branch = block.bn2(f.conv2d(inner, block.conv2.weight, padding=1))
+    shortcut = torch.cat([torch.zeros(2, 8, 4, 4), x[:, :, ::2, ::2], torch.zeros(2, 8, 4, 4)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), f.relu(branch + shortcut))
+    he = {k: v.shape for k, v in model.state_dict().items()}
+    ir = {k: v.shape for k, v in zoo.create_model("resnet20_fp").state_dict().items() if not k.startswith("head_bn")}
+    assert he == ir

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from ..registry import register_arch
 from .base import QuantConfig, ZooModel
-from .resnet import ResNet, bireal_resnet, cifar_resnet_basic, cifar_resnet_ir
+from .resnet import ResNet, bireal_resnet, cifar_resnet_basic, cifar_resnet_he, cifar_resnet_ir
 from .vgg import VGGSmall
 
 for _depth in (20, 32, 44, 56):
     register_arch(f"resnet{_depth}", dataset="cifar10")(
         lambda q, num_classes=10, _d=_depth, **kw: cifar_resnet_ir(q, _d, num_classes, **kw)
+    )
+    register_arch(f"resnet{_depth}_he", dataset="cifar10")(
+        lambda q, num_classes=10, _d=_depth, **kw: cifar_resnet_he(q, _d, num_classes, **kw)
     )
 
 

@@ -4,6 +4,10 @@
   code): a shortcut around *every* quantized conv,
   ``out = act(BN(conv1(x)) + shortcut(x)); out = act(BN(conv2(out)) + out)``,
   option-A (subsample + zero-pad) shortcuts, real stem, head BN1d + real linear.
+* CIFAR ResNet-20/32/44/56 in He et al.'s structure (CVPR 2016, section 4.2),
+  ``resnet20_he`` etc.: a shortcut around every *pair* of convs (BasicBlock),
+  option-A shortcuts, no head BN. Not a binary structure; a float teacher
+  for logit KD (the IR-Net structure's float model trains slower, docs/training.md).
 * CIFAR ResNet-18/34: standard BasicBlock (He et al. 2016) with real 1x1
   downsample convs, stem 3x3 / 64 channels, no max-pool.
 * ImageNet ResNet-18/34 in the Bi-Real structure (Liu et al., ECCV 2018):
@@ -66,14 +70,17 @@ class DoubleShortcutBlock(_TwoConvBlock):
 
 
 class BasicBlock(_TwoConvBlock):
-    """Standard ResNet BasicBlock with a real 1x1 conv + BN downsample."""
+    """Standard ResNet BasicBlock; downsample ``"B"``: a real 1x1 conv + BN, ``"A"``: option A."""
 
     def __init__(
         self, q: QuantConfig, in_planes: int, planes: int, stride: int, act: str, downsample: str = "B"
     ) -> None:
         super().__init__(q, in_planes, planes, stride, act)
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(q.real_conv(in_planes, planes, 1, stride), nn.BatchNorm2d(planes))
+            if downsample == "A":
+                self.shortcut = OptionAShortcut((planes - in_planes) // 2)
+            else:
+                self.shortcut = nn.Sequential(q.real_conv(in_planes, planes, 1, stride), nn.BatchNorm2d(planes))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.act1(self.bn1(self.conv1(x)))
@@ -160,12 +167,22 @@ class ResNet(ZooModel):
         return self.fc(self.head_bn(self.pool(x).flatten(1)))
 
 
-def cifar_resnet_ir(q: QuantConfig, depth: int, num_classes: int = 10, **kwargs) -> ResNet:
-    """IR-Net CIFAR ResNet-``depth`` (depth = 6n + 2)."""
+def _cifar_blocks_per_stage(depth: int) -> int:
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
-    n = (depth - 2) // 6
+    return (depth - 2) // 6
+
+
+def cifar_resnet_ir(q: QuantConfig, depth: int, num_classes: int = 10, **kwargs) -> ResNet:
+    """IR-Net CIFAR ResNet-``depth`` (depth = 6n + 2)."""
+    n = _cifar_blocks_per_stage(depth)
     return ResNet(q, DoubleShortcutBlock, [n] * 3, [16, 32, 64], num_classes, downsample="A", head_bn=True, **kwargs)
+
+
+def cifar_resnet_he(q: QuantConfig, depth: int, num_classes: int = 10, **kwargs) -> ResNet:
+    """He et al. (2016) CIFAR ResNet-``depth``: BasicBlocks with option-A shortcuts, no head BN."""
+    n = _cifar_blocks_per_stage(depth)
+    return ResNet(q, BasicBlock, [n] * 3, [16, 32, 64], num_classes, downsample="A", **kwargs)
 
 
 def cifar_resnet_basic(q: QuantConfig, depths: list[int], num_classes: int = 10, **kwargs) -> ResNet:
