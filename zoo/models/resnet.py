@@ -35,6 +35,22 @@ class OptionAShortcut(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad_channels, self.pad_channels))
 
 
+def downsample_shortcut(q: QuantConfig, kind: str, in_planes: int, planes: int, stride: int) -> nn.Module:
+    """The shortcut of a block that changes resolution or width: ``"A"`` option A (He et al. 2016),
+    ``"B"`` a real strided 1x1 conv + BN, ``"avg"`` average pool, then a real 1x1 conv + BN (Bi-Real)."""
+    if kind == "A":
+        return OptionAShortcut((planes - in_planes) // 2)
+    if kind == "B":
+        return nn.Sequential(q.real_conv(in_planes, planes, 1, stride), nn.BatchNorm2d(planes))
+    if kind == "avg":
+        return nn.Sequential(
+            nn.AvgPool2d(stride) if stride != 1 else nn.Identity(),
+            q.real_conv(in_planes, planes, 1),
+            nn.BatchNorm2d(planes),
+        )
+    raise ValueError(f"downsample must be 'A', 'B' or 'avg', got {kind!r}")
+
+
 class _TwoConvBlock(nn.Module):
     """Two quantized 3x3 convs with BN and activations; subclasses add the shortcut and the wiring."""
 
@@ -55,14 +71,7 @@ class DoubleShortcutBlock(_TwoConvBlock):
     def __init__(self, q: QuantConfig, in_planes: int, planes: int, stride: int, act: str, downsample: str) -> None:
         super().__init__(q, in_planes, planes, stride, act)
         if stride != 1 or in_planes != planes:
-            if downsample == "A":
-                self.shortcut = OptionAShortcut((planes - in_planes) // 2)
-            else:  # Bi-Real: average pool, then a real 1x1 conv
-                self.shortcut = nn.Sequential(
-                    nn.AvgPool2d(stride) if stride != 1 else nn.Identity(),
-                    q.real_conv(in_planes, planes, 1),
-                    nn.BatchNorm2d(planes),
-                )
+            self.shortcut = downsample_shortcut(q, downsample, in_planes, planes, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.act1(self.bn1(self.conv1(x)) + self.shortcut(x))
@@ -70,17 +79,14 @@ class DoubleShortcutBlock(_TwoConvBlock):
 
 
 class BasicBlock(_TwoConvBlock):
-    """Standard ResNet BasicBlock; downsample ``"B"``: a real 1x1 conv + BN, ``"A"``: option A."""
+    """Standard ResNet BasicBlock (He et al. 2016): two convs inside one shortcut."""
 
     def __init__(
         self, q: QuantConfig, in_planes: int, planes: int, stride: int, act: str, downsample: str = "B"
     ) -> None:
         super().__init__(q, in_planes, planes, stride, act)
         if stride != 1 or in_planes != planes:
-            if downsample == "A":
-                self.shortcut = OptionAShortcut((planes - in_planes) // 2)
-            else:
-                self.shortcut = nn.Sequential(q.real_conv(in_planes, planes, 1, stride), nn.BatchNorm2d(planes))
+            self.shortcut = downsample_shortcut(q, downsample, in_planes, planes, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.act1(self.bn1(self.conv1(x)))
