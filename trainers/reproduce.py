@@ -56,6 +56,7 @@ class Row:
 TABLES: dict[str, list[Row]] = {
     "float-cifar10": [
         Row("ResNet-20 FP", "resnet20_fp", "resnet20_fp"),
+        Row("ResNet-20 FP (He et al.)", "resnet20_he_fp", "resnet20_he_fp"),
         Row("ResNet-18 FP", "resnet18_fp", "resnet18_fp"),
         Row("VGG-Small FP", "vgg_small_fp", "vgg_small_fp"),
     ],
