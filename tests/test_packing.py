@@ -177,6 +177,18 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p.name
 
 
+def test_default_checkpoint_is_picked_on_validation_not_test(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(tmp_path))
+    model = zoo.create_model("resnet20_w1a1")
+    for tag, card in (
+        ("unvalidated", {"top1": 90.0}),  # no validation number: ranks after every validated card
+        ("lucky", {"top1": 70.0, "val_top1": 55.0}),  # best on test, worse on validation
+        ("selected", {"top1": 65.0, "val_top1": 58.0}),
+    ):
+        save_packed(model, tmp_path / f"resnet20_w1a1.{tag}.safetensors", {"name": f"resnet20_w1a1.{tag}", **card})
+    assert zoo.model_card("resnet20_w1a1")["name"] == "resnet20_w1a1.selected"
+
+
 def test_registry_finds_cards_and_picks_default(tmp_path, monkeypatch):
     monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(tmp_path))
     torch.manual_seed(0)

@@ -204,8 +204,11 @@ def _cards_for(base: str) -> list[dict[str, Any]]:
 
 
 def resolve_card(name: str) -> dict[str, Any]:
-    """The card of ``name``'s checkpoint: the tagged one, or the default (``"default": true``,
-    else the best ``top1``) when no tag is given."""
+    """The card of ``name``'s checkpoint: the tagged one, or the default when no tag is given.
+
+    The default is the card marked ``"default": true``, else the best ``val_top1`` (the
+    validation split carved from the training set: picking by test top-1 would select on the
+    test set); cards without a validation number rank by ``top1`` after those with one."""
     parsed = parse_name(name)
     cards = _cards_for(parsed.base)
     if not cards:
@@ -222,7 +225,9 @@ def resolve_card(name: str) -> dict[str, Any]:
         tags = ", ".join(str(parse_name(c["name"]).tag) for c in cards)
         raise ValueError(f"{parsed.base!r} has no checkpoint tagged {parsed.tag!r}; available tags: {tags}")
     defaults = [c for c in cards if c.get("default")]
-    return defaults[0] if defaults else max(cards, key=lambda c: c.get("top1") or 0.0)
+    if defaults:
+        return defaults[0]
+    return max(cards, key=lambda c: (c.get("val_top1") is not None, c.get("val_top1") or c.get("top1") or 0.0))
 
 
 def default_checkpoints() -> set[str]:
