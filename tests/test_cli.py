@@ -54,7 +54,7 @@ def test_list_and_table_mark_the_checkpoint_an_untagged_name_loads(tmp_path, mon
         bold = [line.split("`")[1] for line in capsys.readouterr().out.splitlines() if line.startswith("| **`")]
         return listed, bold
 
-    assert marked() == (["resnet20_w1a1.better_cifar10"], ["resnet20_w1a1.better_cifar10"])  # best top-1
+    assert marked() == (["resnet20_w1a1.better_cifar10"], ["resnet20_w1a1.better_cifar10"])  # no val_top1: by top-1
     pinned = folder / "resnet20_w1a1.test_cifar10.json"
     pinned.write_text(json.dumps({**json.loads(pinned.read_text()), "default": True}))  # a card can pin it
     assert marked() == (["resnet20_w1a1.test_cifar10"], ["resnet20_w1a1.test_cifar10"])
