@@ -227,7 +227,10 @@ def resolve_card(name: str) -> dict[str, Any]:
     defaults = [c for c in cards if c.get("default")]
     if defaults:
         return defaults[0]
-    return max(cards, key=lambda c: (c.get("val_top1") is not None, c.get("val_top1") or c.get("top1") or 0.0))
+    validated = [c for c in cards if c.get("val_top1") is not None]
+    if validated:
+        return max(validated, key=lambda c: c["val_top1"])
+    return max(cards, key=lambda c: c.get("top1") or 0.0)
 
 
 def default_checkpoints() -> set[str]:
