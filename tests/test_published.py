@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 import zoo
 from tests.conftest import SHARED_ZIP
@@ -11,6 +14,7 @@ from zoo.data import DATASETS, evaluate, load_split
 from zoo.packing import sha256_file
 from zoo.registry import _cards, checkpoint_dir, resolve_card
 
+REPO = Path(__file__).resolve().parents[1]
 CARDS = _cards()
 NAMES = [card["name"] for card in CARDS]
 
@@ -23,6 +27,22 @@ def test_every_card_names_an_existing_file_with_its_sha256():
         assert path.stat().st_size == card["file_bytes"]
         for field in ("top1", "paper_top1", "epochs", "preset", "dataset", "mean", "std", "trained_on"):
             assert field in card, f"{card['name']}: card misses {field}"
+
+
+def test_every_card_preset_still_starts_from_and_distils_the_checkpoints_the_card_records():
+    """An untagged name in a preset follows the default, so a new default would silently change what
+    a card's preset trains: each card's preset must resolve to the init_from and teacher it records."""
+    for card in CARDS:
+        init_args: dict = {}
+        for layer in card["preset"].split(" + "):
+            init_args.update((yaml.safe_load((REPO / layer).read_text()).get("model") or {}).get("init_args") or {})
+        for key in ("init_from", "teacher"):
+            if card.get(key) and init_args.get(key):
+                recorded = card[key].split(" ")[0]
+                assert resolve_card(init_args[key])["name"] == recorded, (
+                    f"{card['name']}: its preset's {key} {init_args[key]!r} now resolves to "
+                    f"{resolve_card(init_args[key])['name']}, the card records {recorded}; pin the tag in the preset"
+                )
 
 
 @pytest.mark.parametrize("name", NAMES)
