@@ -190,6 +190,64 @@ def test_teacher_is_frozen_and_gets_no_gradient(float_teacher):
     assert module.model.layer1[0].conv1.weight.grad is not None
 
 
+def _mix(mixup_alpha: float, cutmix_alpha: float, seed: int = 0):
+    from trainers.module import batch_mixing
+
+    torch.manual_seed(seed)
+    x, y = torch.rand(6, 3, 8, 8), torch.arange(6)  # distinct labels: each weight is readable
+    mixed, soft = batch_mixing(mixup_alpha, cutmix_alpha, num_classes=10)(x, y)
+    return x, y, mixed, soft
+
+
+def test_mixup_blends_each_image_with_its_neighbour_by_the_label_weight():
+    x, y, mixed, soft = _mix(mixup_alpha=0.4, cutmix_alpha=0.0)
+    lam = soft[torch.arange(6), y]
+    assert 0 < lam[0] < 1 and torch.allclose(lam, lam[0].expand(6))  # one lam per batch
+    assert torch.allclose(soft[torch.arange(6), y.roll(1)], 1 - lam)  # the partner is image i - 1
+    assert torch.allclose(soft.sum(1), torch.ones(6))
+    assert torch.allclose(mixed, lam[0] * x + (1 - lam[0]) * x.roll(1, 0), atol=1e-6)
+
+
+def test_cutmix_pastes_one_box_whose_area_is_the_partner_weight():
+    x, y, mixed, soft = _mix(mixup_alpha=0.0, cutmix_alpha=1.0)
+    own = (mixed == x).all(1)  # pixels of image i
+    partner = (mixed == x.roll(1, 0)).all(1)
+    assert (own | partner).all() and not (own & partner).any()
+    rows, cols = partner[0].any(1).nonzero().flatten(), partner[0].any(0).nonzero().flatten()
+    box = partner[0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    assert box.all() and box.numel() == partner[0].sum()  # one rectangle
+    assert torch.allclose(soft[torch.arange(6), y.roll(1)], partner.flatten(1).float().mean(1))
+    assert torch.allclose(soft[torch.arange(6), y], own.flatten(1).float().mean(1))
+
+
+def test_mixing_with_both_alphas_picks_mixup_or_cutmix_per_batch():
+    kinds = set()
+    for seed in range(12):
+        x, _, mixed, _ = _mix(mixup_alpha=0.4, cutmix_alpha=1.0, seed=seed)
+        kinds.add("cutmix" if ((mixed == x) | (mixed == x.roll(1, 0))).all() else "mixup")
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_mixing_trains_on_the_mixed_soft_labels_and_rejects_negative_alpha():
+    from trainers.module import ZooClassifier
+
+    module = ZooClassifier(model="resnet20_fp", mixup_alpha=0.4).eval()  # eval: the same logits twice
+    seen = []
+    module.model.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    loss = module.training_step((x, y), 0)
+    mixed, logits = seen[0]
+    partner = x.roll(1, 0)
+    lam = ((mixed - partner) * (x - partner)).sum() / (x - partner).pow(2).sum()  # least squares
+    assert 0.01 < lam < 0.99  # the model saw a blend, not the batch
+    assert torch.allclose(mixed, lam * x + (1 - lam) * partner, atol=1e-5)
+    ce = torch.nn.functional.cross_entropy
+    assert loss.item() == pytest.approx((lam * ce(logits, y) + (1 - lam) * ce(logits, y.roll(1))).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="cutmix_alpha must be >= 0"):
+        ZooClassifier(model="resnet20_fp", cutmix_alpha=-1.0)
+
+
 def test_init_from_copies_weights_and_rejects_a_different_architecture(float_teacher):
     from trainers.module import ZooClassifier
 

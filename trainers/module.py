@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
 
 import zoo
 from distill import FeatureHooks, kd_loss, rbd_loss
@@ -50,6 +51,28 @@ def init_model_from(model: nn.Module, source: str) -> list[str]:
     return missing
 
 
+def batch_mixing(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
+    """MixUp and/or CutMix of a training batch with soft labels (torchvision's ``v2`` transforms).
+
+    MixUp (Zhang et al., ICLR 2018): ``x = lam x_i + (1 - lam) x_j``, ``y = lam y_i + (1 - lam) y_j``
+    with ``lam ~ Beta(alpha, alpha)``. CutMix (Yun et al., ICCV 2019): a box of ``x_j`` pasted into
+    ``x_i``, ``lam = 1 - box area / image area``. The partner ``j`` of image ``i`` is image ``i - 1``
+    of the batch. With both alphas set, each batch gets one of the two at random (as timm does).
+    ``None`` when both are 0 (no mixing).
+    """
+    for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+        if alpha < 0:
+            raise ValueError(f"{name} must be >= 0 (0 turns it off; 0.2-1.0 is usual), got {alpha}")
+    mixers = [
+        mix(alpha=alpha, num_classes=num_classes)
+        for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha))
+        if alpha > 0
+    ]
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
 class ZooClassifier(pl.LightningModule):
     """Train a zoo model by name with cross-entropy plus optional distillation.
 
@@ -66,6 +89,10 @@ class ZooClassifier(pl.LightningModule):
         kd_weight / kd_temperature: logit KD ``T^2 KL(p_t || p_s)`` weight and ``T``.
         rbd_weight: weight ``beta`` of the RBD feature loss on the stage outputs.
         ce_weight: weight of the label cross-entropy.
+        label_smoothing: label smoothing of that cross-entropy (Szegedy et al., CVPR 2016).
+        mixup_alpha / cutmix_alpha: ``Beta(alpha, alpha)`` of MixUp / CutMix on each training
+            batch (see :func:`batch_mixing`); the cross-entropy then takes the mixed soft labels
+            and the teacher sees the mixed images. 0 turns each off.
         optimizer: ``sgd``, ``adam`` or ``adamw``; weight decay skips BN,
             biases and quantizer parameters (all 0/1-d tensors).
         scheduler: ``cosine``, ``step`` (``milestones`` in epochs, ``gamma``),
@@ -89,6 +116,8 @@ class ZooClassifier(pl.LightningModule):
         rbd_weight: float = 0.0,
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
         optimizer: str = "sgd",
         lr: float = 0.1,
         momentum: float = 0.9,
@@ -108,6 +137,7 @@ class ZooClassifier(pl.LightningModule):
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         self.lr_restarts: list[float] = []  # set by ProgressiveQuantization: one LR cycle per stage
         Schedule(scheduler)  # validates the name
+        self.batch_mixing = batch_mixing(mixup_alpha, cutmix_alpha, num_classes)
         self.model = build_model(model, num_classes, weight_quantizer, act_quantizer, **(model_kwargs or {}))
         if init_from:
             init_model_from(self.model, init_from)
@@ -138,9 +168,12 @@ class ZooClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        target = y
+        if self.batch_mixing is not None:
+            x, target = self.batch_mixing(x, y)  # soft labels; y stays the label of each base image
         logits = self.model(x)
         hp = self.hparams
-        ce = F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing)
+        ce = F.cross_entropy(logits, target, label_smoothing=hp.label_smoothing)
         loss = hp.ce_weight * ce
         self.log("train/ce", ce, prog_bar=False)
         if self.teacher is not None:
