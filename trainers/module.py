@@ -137,7 +137,7 @@ class ZooClassifier(pl.LightningModule):
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         self.lr_restarts: list[float] = []  # set by ProgressiveQuantization: one LR cycle per stage
         Schedule(scheduler)  # validates the name
-        self.batch_mixing = batch_mixing(mixup_alpha, cutmix_alpha, num_classes)
+        self.mix_batch = batch_mixing(mixup_alpha, cutmix_alpha, num_classes)
         self.model = build_model(model, num_classes, weight_quantizer, act_quantizer, **(model_kwargs or {}))
         if init_from:
             init_model_from(self.model, init_from)
@@ -169,8 +169,8 @@ class ZooClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         target = y
-        if self.batch_mixing is not None:
-            x, target = self.batch_mixing(x, y)  # soft labels; y stays the label of each base image
+        if self.mix_batch is not None:
+            x, target = self.mix_batch(x, y)  # soft labels; y stays the label of each base image
         logits = self.model(x)
         hp = self.hparams
         ce = F.cross_entropy(logits, target, label_smoothing=hp.label_smoothing)
