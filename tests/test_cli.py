@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
+import pytest
 import torch
 
 import zoo
 from tests.test_trainer import REPO, _run_cli
+from trainers.cli import warn_if_bf16_is_slow
 from zoo.__main__ import main as zoo_main
 
 
@@ -203,3 +208,17 @@ def test_rerunning_some_rows_keeps_the_other_rows_results():
         ("lowbit_stochastic", 69.1),
         ("lowbit_combined_w2a2", 60.0),
     ]  # the table's order, the re-run row replaced
+
+
+def test_bf16_on_a_cpu_without_avx512_warns_and_names_the_fix(monkeypatch):
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    bf16 = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False)
+    fp32 = pl.Trainer(accelerator="cpu", precision="32", logger=False, enable_checkpointing=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.warns(UserWarning, match=r"AVX2 \(no AVX-512\).*--trainer\.precision 32"):
+        assert warn_if_bf16_is_slow(bf16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_if_bf16_is_slow(fp32)  # float32 is never the slow path
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+        assert not warn_if_bf16_is_slow(bf16)  # AVX-512 (and AMX) CPUs run bf16 natively
