@@ -211,6 +211,7 @@ def test_joint_training_steps_every_optimizer_and_exports_each_student(tiny_zip,
         card = json.loads((tmp_path / f"{name}.joint.json").read_text())
         assert card["name"] == f"{name}.joint" and card["epochs"] == 1
         assert card["trained_on"]["precision"] == "32-true" and card["trained_on"]["devices"] == 1
+        assert card["trained_on"]["hardware"].endswith(f"CPU ({torch.backends.cpu.get_cpu_capability()})")
         assert card["data_copy"].startswith("JPEG files of cifar10 from")
 
 

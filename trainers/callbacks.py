@@ -187,7 +187,7 @@ class ExportPacked(pl.Callback):
             "val_top1": best_val,
             "trained_on": {
                 "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                f"{'GPU' if torch.cuda.is_available() else 'CPU'}",
+                + ("GPU" if torch.cuda.is_available() else f"CPU ({torch.backends.cpu.get_cpu_capability()})"),
                 "devices": trainer.num_devices,
                 "precision": str(trainer.precision),  # e.g. bf16-mixed: CPU autocast
                 "wall_time_hours": round(wall / 3600, 3),
