@@ -74,7 +74,8 @@ def main() -> None:
     images = args.rounds * args.steps * args.batch_size
     base = images / seconds[args.models[0]]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, {kernels} kernels"
+        f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()} CPU, {torch.get_num_threads()} threads, "
+        f"batch {args.batch_size}, {kernels} kernels"
         + (", bf16 autocast" if args.bf16 else "")
         + (", torch.compile" if args.compile else "")
     )
