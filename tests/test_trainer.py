@@ -278,12 +278,13 @@ def _run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = 
 
 
 def _cli_in_process(args: list[str], cwd: Path, monkeypatch) -> None:
-    """Run the trainer CLI in this process (no interpreter start-up: fast enough for every preset)."""
-    from trainers.cli import main
+    """Run the trainer CLI in this process (no interpreter start-up: fast enough for every preset).
+    Where bf16 is emulated (an AVX2 CPU) the presets' bf16-mixed runs in float32: 10x faster there."""
+    from trainers.cli import cpu_bf16_is_emulated, main
 
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["python -m trainers"])
-    main(args=args)
+    main(args=[*args, "--trainer.precision=32"] if cpu_bf16_is_emulated() else args)
 
 
 def _teacher_args(preset: Path, teachers) -> list[str]:

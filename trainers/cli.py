@@ -63,18 +63,24 @@ def resume_checkpoint() -> ModelCheckpoint:
     return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
 
 
+def cpu_bf16_is_emulated() -> bool:
+    """Whether this is an x86 CPU without AVX-512, where bf16 autocast is emulated: many presets say
+    ``precision: bf16-mixed`` (1.6-2.2x faster steps on a Xeon with AMX-BF16), but on an AVX2-only CPU (an
+    AMD EPYC here) the same ``resnet20_w2a2`` step ran 10x slower than in float32."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return x86 and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def warn_if_bf16_is_slow(trainer: pl.Trainer) -> bool:
-    """Warn when a run autocasts to bf16 on an x86 CPU without AVX-512: many presets say ``precision:
-    bf16-mixed`` (1.6-2.2x faster steps on a Xeon with AMX-BF16), but on an AVX2-only CPU (an AMD EPYC here)
-    the same ``resnet20_w2a2`` step ran 10x slower than in float32. Returns whether it warned."""
-    capability = torch.backends.cpu.get_cpu_capability()
+    """Warn when a CPU run autocasts to bf16 where that is emulated (:func:`cpu_bf16_is_emulated`) and name
+    the fix. Returns whether it warned."""
     slow = (
         str(trainer.precision).startswith("bf16")
         and isinstance(trainer.accelerator, CPUAccelerator)
-        and platform.machine().lower() in ("x86_64", "amd64")
-        and not capability.startswith("AVX512")
+        and cpu_bf16_is_emulated()
     )
     if slow:
+        capability = torch.backends.cpu.get_cpu_capability()
         rank_zero_warn(
             f"precision {trainer.precision!r} on a CPU whose best vector unit is {capability} (no AVX-512): "
             "bf16 autocast is emulated there and can run 10x slower than float32. Pass --trainer.precision 32."
