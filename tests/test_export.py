@@ -50,11 +50,8 @@ def test_whole_models_export_with_a_dynamic_batch(tmp_path, name):
     # A multi-bit model rounds ~10^5 activations per image: where ORT's and PyTorch's float32 convolutions
     # (different kernels on e.g. an AVX2 CPU) straddle a rounding boundary by one ulp, one level flips and
     # moves that image's logits by a few percent. A wrong export (scale, clip range, zero point) moves them all.
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        diff = (torch.from_numpy(session.run(None, {"input": x.numpy()})[0]) - model(x)).abs()
     scale = max(1.0, result["max_abs_logit"])
-    assert diff.max() <= 0.1 * scale and diff.mean() <= 0.01 * scale, diff.amax(1)
+    assert result["max_abs_diff"] <= 0.1 * scale and result["mean_abs_diff"] <= 0.01 * scale, result
 
 
 def test_clear_errors_for_what_cannot_be_exported(tmp_path):

@@ -90,7 +90,7 @@ def export_onnx(
 
 
 def check_onnx(model: nn.Module, path: str | os.PathLike, inputs: torch.Tensor) -> dict[str, Any]:
-    """Run the ONNX file with onnxruntime and compare with PyTorch: max |difference| and top-1 agreement."""
+    """Run the ONNX file with onnxruntime and compare with PyTorch: max and mean |difference|, top-1 agreement."""
     try:
         import onnxruntime
     except ImportError as err:
@@ -101,6 +101,7 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, inputs: torch.Tensor) 
         ref = model.eval()(inputs)
     return {
         "max_abs_diff": float((ort_out - ref).abs().max()),
+        "mean_abs_diff": float((ort_out - ref).abs().mean()),
         "max_abs_logit": float(ref.abs().max()),
         "top1_agreement": float((ort_out.argmax(1) == ref.argmax(1)).float().mean()),
         "images": len(inputs),
