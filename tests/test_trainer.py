@@ -483,6 +483,94 @@ def test_estimator_schedules_give_weights_and_activations_their_own_t():
         EstimatorSchedule(quantizers="inputs")
 
 
+class _LinearBN(torch.nn.Module):
+    """linear -> BN -> linear, plus a boolean buffer like LSQ's init flag (buffers must not be averaged)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2)
+        self.register_buffer("initialized", torch.tensor(True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.bn(self.fc1(x)))
+
+
+def _weight_ema_run(callbacks: list) -> tuple[list, dict, torch.nn.Module, torch.Tensor]:
+    """Two epochs of SGD on a toy classifier; returns the live parameters after every step, the model's
+    state at the start of the last validation (after every callback), the trained module and the inputs."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=gen) + 1.0, torch.randint(0, 2, (64,), generator=gen)
+
+    class Toy(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _LinearBN()
+
+        def training_step(self, batch, _):
+            return torch.nn.functional.cross_entropy(self.model(batch[0]), batch[1])
+
+        def validation_step(self, batch, _):
+            self.model(batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    class Probe(pl.Callback):
+        def __init__(self) -> None:
+            self.steps, self.at_validation = [], {}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.steps.append([p.detach().clone() for p in module.model.parameters()])
+
+        def on_validation_epoch_start(self, trainer, module) -> None:
+            if not trainer.sanity_checking:
+                self.at_validation = {k: v.clone() for k, v in module.model.state_dict().items()}
+
+    probe = Probe()
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)  # 4 equal batches per epoch
+    module = Toy()
+    trainer = pl.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[*callbacks, probe],
+    )  # fmt: skip
+    trainer.fit(module, loader, loader)
+    return probe.steps, probe.at_validation, module, x
+
+
+def test_weight_ema_validates_the_averaged_weights_with_bn_statistics_for_them():
+    from trainers import BNReestimation, WeightEMA
+
+    decay = 0.7
+    steps, seen, module, x = _weight_ema_run([WeightEMA(decay=decay), BNReestimation()])
+    assert len(steps) == 8
+    ema = steps[0]  # theta_ema <- decay theta_ema + (1 - decay) theta, from the first step's weights
+    for live in steps[1:]:
+        ema = [decay * e + (1 - decay) * p for e, p in zip(ema, live, strict=True)]
+    names = [name for name, _ in module.model.named_parameters()]
+    for name, expected in zip(names, ema, strict=True):
+        assert torch.allclose(seen[name], expected, atol=1e-6), name  # validated: the average
+        assert torch.allclose(dict(module.model.named_parameters())[name], expected, atol=1e-6)  # kept after fit
+    assert not torch.allclose(ema[0], steps[-1][0], atol=1e-3)  # fc1.weight: the average is not the live weight
+    # BN statistics re-estimated for the averaged fc1: the mean of 4 equal batches' means is the data mean
+    w, b = seen["fc1.weight"], seen["fc1.bias"]
+    assert torch.allclose(seen["bn.running_mean"], x.mean(0) @ w.T + b, atol=1e-5)
+    assert not torch.allclose(seen["bn.running_mean"], x.mean(0) @ steps[-1][0].T + steps[-1][1], atol=1e-3)
+    assert seen["initialized"].dtype == torch.bool and bool(seen["initialized"])
+
+
+def test_bn_reestimation_listed_before_weight_averaging_is_an_error():
+    from trainers import BNReestimation, WeightEMA
+
+    with pytest.raises(ValueError, match="list WeightEMA before BNReestimation"):
+        _weight_ema_run([BNReestimation(), WeightEMA()])
+    with pytest.raises(ValueError, match=r"decay must be in \(0, 1\)"):
+        WeightEMA(decay=1.0)
+
+
 def test_export_card_text_fields_reject_what_the_cli_parsed_as_a_mapping():
     from trainers import ExportPacked
 

@@ -1,6 +1,13 @@
 """Lightning trainer for zoo models: data modules, the module, callbacks, the CLI and presets."""
 
-from .callbacks import BNReestimation, EstimatorSchedule, ExportPacked, OscillationDampening, OscillationTracking
+from .callbacks import (
+    BNReestimation,
+    EstimatorSchedule,
+    ExportPacked,
+    OscillationDampening,
+    OscillationTracking,
+    WeightEMA,
+)
 from .data import CIFARDataModule, ImageFolderDataModule
 from .lowbit import JointDistillation, ProgressiveQuantization, StochasticPrecision
 from .module import ZooClassifier
@@ -16,5 +23,6 @@ __all__ = [
     "OscillationTracking",
     "ProgressiveQuantization",
     "StochasticPrecision",
+    "WeightEMA",
     "ZooClassifier",
 ]
