@@ -531,13 +531,14 @@ def _weight_ema_run(callbacks: list) -> tuple[list, dict, torch.nn.Module, torch
 
     probe = Probe()
     torch.manual_seed(0)
-    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)  # 4 equal batches per epoch
+    data = TensorDataset(x, y)
+    loader = DataLoader(data, batch_size=16, shuffle=True)  # 4 equal batches per epoch
     module = Toy()
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[*callbacks, probe],
     )  # fmt: skip
-    trainer.fit(module, loader, loader)
+    trainer.fit(module, loader, DataLoader(data, batch_size=16))
     return probe.steps, probe.at_validation, module, x
 
 
