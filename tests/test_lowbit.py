@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 import zoo
 from tests.test_trainer import _data_args, _run_cli
+from trainers.callbacks import cpu_model_name
 from trainers.lowbit import JointDistillation, ProgressiveQuantization, StochasticPrecision
 from trainers.module import ZooClassifier
 from zoo.packing import load_packed
@@ -212,6 +213,8 @@ def test_joint_training_steps_every_optimizer_and_exports_each_student(tiny_zip,
         assert card["name"] == f"{name}.joint" and card["epochs"] == 1
         assert card["trained_on"]["precision"] == "32-true" and card["trained_on"]["devices"] == 1
         assert card["trained_on"]["hardware"].endswith(f"CPU ({torch.backends.cpu.get_cpu_capability()})")
+        cpu = cpu_model_name()  # e.g. "(AMD EPYC)" where Linux names the CPU
+        assert cpu is None or f"({cpu})" in card["trained_on"]["hardware"]
         assert card["data_copy"].startswith("JPEG files of cifar10 from")
 
 

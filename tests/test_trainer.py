@@ -572,6 +572,14 @@ def test_bn_reestimation_listed_before_weight_averaging_is_an_error():
         WeightEMA(decay=1.0)
 
 
+def test_cards_name_the_cpu_model_where_linux_reports_it():
+    from trainers.callbacks import cpu_model_name
+
+    x86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2\n"
+    assert cpu_model_name(x86) == "AMD EPYC 7B13"
+    assert cpu_model_name("processor\t: 0\nBogoMIPS\t: 48.00\nCPU implementer\t: 0x41\n") is None  # many ARM boards
+
+
 def test_export_card_text_fields_reject_what_the_cli_parsed_as_a_mapping():
     from trainers import ExportPacked
 

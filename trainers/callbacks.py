@@ -111,6 +111,29 @@ def describe_source(source: str) -> str:
     return f"{card['name']}" + (f" ({top1} test top-1)" if top1 is not None else "")
 
 
+def cpu_model_name(cpuinfo: str | None = None) -> str | None:
+    """The CPU's ``model name`` from Linux's ``/proc/cpuinfo`` (or the given text); None where there is none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return value.strip()
+    return None
+
+
+def hardware_description() -> str:
+    """What a model card records as hardware, e.g. ``x86_64 (AMD EPYC), 2 cores, CPU (AVX2)``: the
+    architecture, the CPU model, the core count and the device (for a CPU, its best vector unit, which
+    decides whether bf16 autocast is native or emulated)."""
+    machine, model = platform.processor() or platform.machine(), cpu_model_name()
+    device = "GPU" if torch.cuda.is_available() else f"CPU ({torch.backends.cpu.get_cpu_capability()})"
+    return f"{machine}{f' ({model})' if model else ''}, {os.cpu_count()} cores, {device}"
+
+
 class ExportPacked(pl.Callback):
     """At the end of ``fit``, export the best validation checkpoint as a packed zoo file + card.
 
@@ -186,8 +209,7 @@ class ExportPacked(pl.Callback):
             "selected_epoch": selected_epoch,  # the epoch whose weights are exported (best on validation)
             "val_top1": best_val,
             "trained_on": {
-                "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                + ("GPU" if torch.cuda.is_available() else f"CPU ({torch.backends.cpu.get_cpu_capability()})"),
+                "hardware": hardware_description(),
                 "devices": trainer.num_devices,
                 "precision": str(trainer.precision),  # e.g. bf16-mixed: CPU autocast
                 "wall_time_hours": round(wall / 3600, 3),
