@@ -1,6 +1,7 @@
-"""Distillation losses (KD, distributional, RBD, joint guide) and feature hooks."""
+"""Distillation losses (KD, distributional, RBD, joint guide), feature hooks and teacher ensembles."""
 
+from .ensemble import TeacherEnsemble
 from .hooks import FeatureHooks
 from .losses import distributional_loss, kd_loss, rbd_loss
 
-__all__ = ["FeatureHooks", "distributional_loss", "kd_loss", "rbd_loss"]
+__all__ = ["FeatureHooks", "TeacherEnsemble", "distributional_loss", "kd_loss", "rbd_loss"]

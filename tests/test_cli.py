@@ -67,12 +67,16 @@ def test_list_and_table_mark_the_checkpoint_an_untagged_name_loads(tmp_path, mon
 
 
 def test_cards_name_their_teacher_and_starting_point(tmp_path, monkeypatch):
-    from trainers.callbacks import describe_source
+    from trainers.callbacks import describe_source, describe_sources
 
     monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(_published(tmp_path)))
     assert describe_source("resnet20_w1a1") == "resnet20_w1a1.test_cifar10 (10.0 test top-1)"
     assert describe_source("resnet56_fp") == "resnet56_fp"  # nothing published: the name as given
     assert describe_source(str(tmp_path / "mine.safetensors")) == "mine.safetensors"
+    assert describe_sources(["resnet20_w1a1", "resnet56_fp"]) == [  # a teacher ensemble: each member
+        "resnet20_w1a1.test_cifar10 (10.0 test top-1)",
+        "resnet56_fp",
+    ]
 
 
 def test_zoo_eval_updates_a_card_and_reports_bad_names(tmp_path, tiny_zip, capsys):

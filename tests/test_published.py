@@ -38,11 +38,15 @@ def test_every_card_preset_still_starts_from_and_distils_the_checkpoints_the_car
             init_args.update((yaml.safe_load((REPO / layer).read_text()).get("model") or {}).get("init_args") or {})
         for key in ("init_from", "teacher"):
             if card.get(key) and init_args.get(key):
-                recorded = card[key].split(" ")[0]
-                assert resolve_card(init_args[key])["name"] == recorded, (
-                    f"{card['name']}: its preset's {key} {init_args[key]!r} now resolves to "
-                    f"{resolve_card(init_args[key])['name']}, the card records {recorded}; pin the tag in the preset"
-                )
+                sources, records = init_args[key], card[key]  # lists for a teacher ensemble
+                sources, records = ([sources], [records]) if isinstance(sources, str) else (sources, records)
+                assert len(sources) == len(records), f"{card['name']}: {key} {sources} vs the card's {records}"
+                for source, record in zip(sources, records, strict=True):
+                    recorded, resolved = record.split(" ")[0], resolve_card(source)["name"]
+                    assert resolved == recorded, (
+                        f"{card['name']}: its preset's {key} {source!r} now resolves to {resolved}, "
+                        f"the card records {recorded}; pin the tag in the preset"
+                    )
 
 
 @pytest.mark.parametrize("name", NAMES)

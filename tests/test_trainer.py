@@ -190,6 +190,41 @@ def test_teacher_is_frozen_and_gets_no_gradient(float_teacher):
     assert module.model.layer1[0].conv1.weight.grad is not None
 
 
+def test_teacher_ensemble_distils_toward_the_geometric_mean_of_its_members(float_teacher, tmp_path):
+    """A list of teachers is one frozen ensemble whose logits are the members' mean, which at
+    temperature T is the normalised geometric mean of their softened probabilities."""
+    import zoo
+    from distill import TeacherEnsemble, kd_loss
+    from trainers.module import ZooClassifier
+
+    second = zoo.load_packed(float_teacher)
+    with torch.no_grad():
+        second.fc.weight.mul_(-2.0)  # a second teacher that disagrees with the first
+    second_path = tmp_path / "resnet20_fp.second.safetensors"
+    zoo.save_packed(second, second_path)
+    module = ZooClassifier(model="resnet20_w1a1", teacher=[str(float_teacher), str(second_path)], kd_weight=1.0)
+    module.train()
+    assert isinstance(module.teacher, TeacherEnsemble) and not module.teacher.training
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    members = [zoo.load_packed(float_teacher).eval(), second.eval()]
+    with torch.no_grad():
+        z1, z2 = (m(x) for m in members)
+        ensemble = module.teacher(x)
+    assert torch.allclose(ensemble, (z1 + z2) / 2, atol=1e-5)
+    t = 4.0
+    geometric = (torch.softmax(z1.double() / t, 1) * torch.softmax(z2.double() / t, 1)).sqrt()
+    expected = geometric / geometric.sum(1, keepdim=True)
+    assert torch.allclose(torch.softmax(ensemble.double() / t, 1), expected, rtol=1e-4, atol=1e-6)
+    loss = kd_loss(module.model(x), ensemble, t)
+    loss.backward()
+    assert all(p.grad is None for p in module.teacher.parameters())
+    with pytest.raises(ValueError, match="at least 2"):
+        TeacherEnsemble([members[0]])
+    with pytest.raises(ValueError, match="ensemble"):
+        ZooClassifier(model="resnet20_w1a1", teacher=[str(float_teacher)] * 2, rbd_weight=1.0)
+
+
 def _mix(mixup_alpha: float, cutmix_alpha: float, seed: int = 0):
     from trainers.module import batch_mixing
 
@@ -293,7 +328,10 @@ def _teacher_args(preset: Path, teachers) -> list[str]:
     teacher = teachers(re.split(r"_(?:w\d+a\d+|fp)", base)[0])
     text = "".join(p.read_text() for p in preset.parent.glob(base + ".*yaml"))
     keys = ("teacher", "init_from", "guide_init", "student_init")
-    return [f"--model.init_args.{key}={teacher}" for key in keys if f"{key}:" in text]
+    args = [f"--model.init_args.{key}={teacher}" for key in keys if f"{key}:" in text]
+    if "teacher: [" in preset.read_text():  # a teacher ensemble stays a list of (here two) teachers
+        args = [f"--model.init_args.teacher=[{teacher}, {teacher}]" if ".teacher=" in a else a for a in args]
+    return args
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
@@ -495,9 +533,11 @@ class _LinearBN(torch.nn.Module):
         return self.fc2(self.bn(self.fc1(x)))
 
 
-def _weight_ema_run(callbacks: list) -> tuple[list, dict, torch.nn.Module, torch.Tensor]:
+def _weight_ema_run(callbacks: list, manual: bool = False) -> tuple[list, dict, torch.nn.Module, torch.Tensor]:
     """Two epochs of SGD on a toy classifier; returns the live parameters after every step, the model's
-    state at the start of the last validation (after every callback), the trained module and the inputs."""
+    state at the start of the last validation (after every callback), the trained module and the inputs.
+    ``manual``: manual optimization with two optimizers stepped per batch, as trainers.JointDistillation
+    does (one per network), here one for the first layer and one for the rest."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -508,15 +548,28 @@ def _weight_ema_run(callbacks: list) -> tuple[list, dict, torch.nn.Module, torch
         def __init__(self) -> None:
             super().__init__()
             self.model = _LinearBN()
+            self.automatic_optimization = not manual
 
         def training_step(self, batch, _):
-            return torch.nn.functional.cross_entropy(self.model(batch[0]), batch[1])
+            loss = torch.nn.functional.cross_entropy(self.model(batch[0]), batch[1])
+            if manual:
+                optimizers = self.optimizers()
+                for opt in optimizers:
+                    opt.zero_grad()
+                self.manual_backward(loss)
+                for opt in optimizers:
+                    opt.step()
+            return loss
 
         def validation_step(self, batch, _):
             self.model(batch[0])
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.5)
+            if not manual:
+                return torch.optim.SGD(self.parameters(), lr=0.5)
+            first = list(self.model.fc1.parameters())
+            rest = [p for p in self.model.parameters() if all(p is not q for q in first)]
+            return torch.optim.SGD(first, lr=0.5), torch.optim.SGD(rest, lr=0.5)
 
     class Probe(pl.Callback):
         def __init__(self) -> None:
@@ -542,11 +595,14 @@ def _weight_ema_run(callbacks: list) -> tuple[list, dict, torch.nn.Module, torch
     return probe.steps, probe.at_validation, module, x
 
 
-def test_weight_ema_validates_the_averaged_weights_with_bn_statistics_for_them():
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual-two-optimizers"])
+def test_weight_ema_validates_the_averaged_weights_with_bn_statistics_for_them(manual):
+    """With manual optimization and two optimizers (trainers.JointDistillation) the average moves
+    once per batch, not once per optimizer step."""
     from trainers import BNReestimation, WeightEMA
 
     decay = 0.7
-    steps, seen, module, x = _weight_ema_run([WeightEMA(decay=decay), BNReestimation()])
+    steps, seen, module, x = _weight_ema_run([WeightEMA(decay=decay), BNReestimation()], manual)
     assert len(steps) == 8
     ema = steps[0]  # theta_ema <- decay theta_ema + (1 - decay) theta, from the first step's weights
     for live in steps[1:]:

@@ -111,6 +111,11 @@ def describe_source(source: str) -> str:
     return f"{card['name']}" + (f" ({top1} test top-1)" if top1 is not None else "")
 
 
+def describe_sources(sources: str | list[str]) -> str | list[str]:
+    """:func:`describe_source` of one source, or of each of a list (a teacher ensemble)."""
+    return describe_source(str(sources)) if isinstance(sources, str) else [describe_source(str(s)) for s in sources]
+
+
 def cpu_model_name(cpuinfo: str | None = None) -> str | None:
     """The CPU's ``model name`` from Linux's ``/proc/cpuinfo`` (or the given text); None where there is none."""
     if cpuinfo is None:
@@ -200,7 +205,7 @@ class ExportPacked(pl.Callback):
             selected_epoch = state["epoch"] + 1
         wall = self.wall_seconds + (time.time() - self._start if self._start else 0.0)
         hparams = getattr(pl_module, "hparams", {})
-        sources = {key: describe_source(str(hparams[key])) for key in ("teacher", "init_from") if hparams.get(key)}
+        sources = {key: describe_sources(hparams[key]) for key in ("teacher", "init_from") if hparams.get(key)}
         card = {
             **_data_fields(trainer.datamodule),
             **sources,
@@ -268,8 +273,10 @@ class BNReestimation(pl.Callback):
 class WeightEMA(EMAWeightAveraging):
     """Validate, checkpoint and export an exponential moving average of the weights.
 
-    ``theta_ema <- decay * theta_ema + (1 - decay) * theta`` after every optimizer step from
-    step ``start_step`` on (Polyak averaging; the EMA of timm's ``ModelEmaV3``). This is
+    ``theta_ema <- decay * theta_ema + (1 - decay) * theta`` after every training batch that stepped
+    an optimizer, from global step ``start_step`` on (Polyak averaging; the EMA of timm's
+    ``ModelEmaV3``); once per batch also under manual optimization with several optimizers
+    (:class:`trainers.JointDistillation`, whose global step counts each optimizer's step). This is
     Lightning's :class:`~lightning.pytorch.callbacks.EMAWeightAveraging` with parameters
     averaged and buffers copied from the live model [ours: the pairing with BN re-estimation].
     Averaging buffers would mix LSQ's boolean init flags and oscillation state, and BN

@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 import zoo
-from distill import FeatureHooks, kd_loss, rbd_loss
+from distill import FeatureHooks, TeacherEnsemble, kd_loss, rbd_loss
 from zoo.convert import build_model
 from zoo.packing import load_packed
 from zoo.quant.estimators import use_kernels
@@ -51,6 +51,19 @@ def init_model_from(model: nn.Module, source: str) -> list[str]:
     return missing
 
 
+def load_teacher(source: str | list[str]) -> nn.Module:
+    """A frozen teacher in eval mode: one zoo name or packed checkpoint, or a list of them (an ensemble)."""
+    sources = [source] if isinstance(source, str) else list(source)
+    members = []
+    for name in sources:
+        loaded = load_weights(name)
+        if not isinstance(loaded, nn.Module):
+            raise ValueError(f"teacher {name!r} must be a zoo name or a packed .safetensors checkpoint")
+        members.append(loaded)
+    teacher = members[0] if len(members) == 1 else TeacherEnsemble(members)
+    return teacher.eval().requires_grad_(False)
+
+
 def batch_mixing(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
     """MixUp and/or CutMix of a training batch with soft labels (torchvision's ``v2`` transforms).
 
@@ -85,7 +98,8 @@ class ZooClassifier(pl.LightningModule):
             defaults (e.g. ``xnor``, ``{"name": "sign", "estimator": "ede"}``).
         model_kwargs: extra architecture arguments (``activation``, ``first_last_bits``).
         init_from: zoo name, packed ``.safetensors`` or Lightning ``.ckpt`` to start from.
-        teacher: zoo name or checkpoint of a frozen teacher (kept in eval mode).
+        teacher: zoo name or packed checkpoint of a frozen teacher (kept in eval mode), or a list
+            of them: a :class:`distill.TeacherEnsemble`, whose logits are the mean of the members'.
         kd_weight / kd_temperature: logit KD ``T^2 KL(p_t || p_s)`` weight and ``T``.
         rbd_weight: weight ``beta`` of the RBD feature loss on the stage outputs.
         ce_weight: weight of the label cross-entropy.
@@ -110,7 +124,7 @@ class ZooClassifier(pl.LightningModule):
         act_quantizer: str | dict[str, Any] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         init_from: str | None = None,
-        teacher: str | None = None,
+        teacher: str | list[str] | None = None,
         kd_weight: float = 0.0,
         kd_temperature: float = 1.0,
         rbd_weight: float = 0.0,
@@ -141,14 +155,11 @@ class ZooClassifier(pl.LightningModule):
         self.model = build_model(model, num_classes, weight_quantizer, act_quantizer, **(model_kwargs or {}))
         if init_from:
             init_model_from(self.model, init_from)
-        self.teacher: nn.Module | None = None
-        if teacher:
-            loaded = load_weights(teacher)
-            if not isinstance(loaded, nn.Module):
-                raise ValueError("teacher must be a zoo name or a packed .safetensors checkpoint")
-            self.teacher = loaded.eval().requires_grad_(False)
+        self.teacher = load_teacher(teacher) if teacher else None
         if (kd_weight or rbd_weight) and self.teacher is None:
             raise ValueError("kd_weight/rbd_weight need a teacher (--model.teacher resnet20_fp)")
+        if rbd_weight and isinstance(self.teacher, TeacherEnsemble):
+            raise ValueError("rbd_weight needs one teacher's features; a teacher ensemble has no single feature map")
         self.student_hooks = FeatureHooks(self.model) if rbd_weight else None
         self.teacher_hooks = FeatureHooks(self.teacher) if rbd_weight and self.teacher is not None else None
         k = min(5, num_classes)
