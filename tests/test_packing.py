@@ -24,6 +24,7 @@ from zoo.packing import CheckpointError, load_packed, save_packed
         ("resnet20_w4a4", {}),
         ("resnet20_w3a3", {"weight_quantizer": "dorefa", "act_quantizer": "pact"}),
         ("resnet20_w2a2", {"first_last_bits": 8}),
+        ("resnet20_w2a2", {"weight_quantizer": {"name": "lsq", "per_channel": True}}),
         ("resnet20_fp", {}),
         ("vgg_small_w1a1", {"act_quantizer": "rsign"}),
     ],

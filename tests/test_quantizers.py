@@ -245,8 +245,10 @@ def test_lsq_per_channel_step_gradient_matches_formula():
     (q(vv) * upstream).sum().backward()
     ratio = v / steps[:, None]
     dvhat_ds = torch.where(ratio <= -2, -2.0, torch.where(ratio >= 1, 1.0, torch.round(ratio) - ratio))
-    g = 1 / math.sqrt(v.numel() * 1)
+    g = 1 / math.sqrt(5 * 1)  # N = 5 weights share each channel's step, Q_P = 1
     torch.testing.assert_close(q.step.grad, (upstream * dvhat_ds).sum(1) * g)
+    with pytest.raises(ValueError, match="activations take one step per tensor"):
+        LSQ(bits=2, activation=True, per_channel=True, channels=3)
 
 
 def test_compiled_kernels_match_eager():

@@ -297,6 +297,26 @@ def test_init_from_copies_weights_and_rejects_a_different_architecture(float_tea
         ZooClassifier(model="resnet32_w1a1", init_from=str(float_teacher))
 
 
+def test_init_from_a_per_tensor_model_gives_every_channel_its_step(tmp_path):
+    """A per-channel LSQ student started from a per-tensor checkpoint computes the same function:
+    each layer's one step is copied into every output channel's step."""
+    import zoo
+    from tests.test_models import _train_a_little
+    from trainers.module import init_model_from
+
+    torch.manual_seed(0)
+    source = _train_a_little(zoo.create_model("resnet20_w2a2"))
+    zoo.save_packed(source, tmp_path / "src.safetensors", real_dtype="float32")
+    per_channel = zoo.create_model("resnet20_w2a2", weight_quantizer={"name": "lsq", "per_channel": True})
+    init_model_from(per_channel, str(tmp_path / "src.safetensors"))
+    step = per_channel.layer3[2].conv1.weight_quantizer.step
+    assert step.shape == (64,)
+    assert torch.equal(step, source.layer3[2].conv1.weight_quantizer.step.expand(64))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(per_channel.eval()(x), source.eval()(x))
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

@@ -37,11 +37,17 @@ def init_model_from(model: nn.Module, source: str) -> list[str]:
     """Copy the weights of ``source`` into ``model`` (two-step training, fine-tuning).
 
     Every parameter of ``model`` must be found; quantizer state the source lacks
-    (a float model has no LSQ step or estimator ``t``) keeps its fresh value.
+    (a float model has no LSQ step or estimator ``t``) keeps its fresh value. A per-tensor
+    quantizer parameter (one value, e.g. an LSQ step) is copied into every channel of a
+    per-channel one, so a per-channel model starts as the per-tensor source.
     Returns the names that were not in the source.
     """
     loaded = load_weights(source)
-    state = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
+    state = dict(loaded.state_dict() if isinstance(loaded, nn.Module) else loaded)
+    for name, target in model.state_dict().items():
+        value = state.get(name)
+        if "quantizer" in name and value is not None and value.numel() == 1 and value.shape != target.shape:
+            state[name] = value.reshape(()).expand_as(target).clone()
     missing, unexpected = model.load_state_dict(state, strict=False)
     real_missing = [k for k in missing if "quantizer" not in k]
     if real_missing or unexpected:

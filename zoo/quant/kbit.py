@@ -119,6 +119,9 @@ class LSQ(WeightQuantizer):
     ReLU) ``Q_N = 0, Q_P = 2^b - 1``. STE for ``v`` inside the range, 0 outside;
     ``d v_hat/d s = -v/s + round(v/s)`` inside, ``-Q_N`` below, ``Q_P`` above,
     times the gradient scale ``g = 1/sqrt(N Q_P)`` (``N`` elements per sample).
+    ``per_channel=True`` gives weights one step per output channel; ``N`` then counts the
+    weights of one channel, those that share a step [ours: the paper's per-tensor rule applied
+    per step, so a channel's step moves as fast, relative to its size, as a per-tensor one].
     The step is initialized on the first forward as ``s = 2 mean|v| / sqrt(Q_P)``.
     Weights are signed; activations (``activation=True``) unsigned unless
     ``signed=True`` (inputs after hardtanh). Under DDP the initial step is
@@ -136,6 +139,11 @@ class LSQ(WeightQuantizer):
         channels: int = 1,
     ) -> None:
         super().__init__(_check_kbit(bits, "lsq"))
+        if per_channel and activation:
+            raise ValueError(
+                "per_channel LSQ gives weights one step per output channel; activations take one step per "
+                "tensor, so drop per_channel from the act_quantizer spec"
+            )
         self.activation = activation
         signed = not activation if signed is None else signed
         self.signed = signed
@@ -188,8 +196,8 @@ class LSQ(WeightQuantizer):
     def quantize(self, v: Tensor) -> Tensor:
         if not self.initialized:
             self.initialize(v.detach())
-        per_sample = v[0].numel() if self.activation else v.numel()
-        g = 1.0 / math.sqrt(per_sample * self.q_p)
+        sharing_a_step = v[0].numel() if self.activation or self.per_channel else v.numel()
+        g = 1.0 / math.sqrt(sharing_a_step * self.q_p)
         state = self.oscillation
         frozen = state.frozen if state is not None and bool(state.frozen.any()) else None
         frozen_int = state.frozen_int if frozen is not None else None
