@@ -315,6 +315,9 @@ def test_init_from_a_per_tensor_model_gives_every_channel_its_step(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(per_channel.eval()(x), source.eval()(x))
+    zoo.save_packed(per_channel, tmp_path / "pc.safetensors", real_dtype="float32")
+    with pytest.raises(ValueError, match="per-channel quantizer parameters"):
+        init_model_from(zoo.create_model("resnet20_w2a2"), str(tmp_path / "pc.safetensors"))
 
 
 # ----------------------------------------------------------------------------- CLI

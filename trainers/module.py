@@ -46,8 +46,16 @@ def init_model_from(model: nn.Module, source: str) -> list[str]:
     state = dict(loaded.state_dict() if isinstance(loaded, nn.Module) else loaded)
     for name, target in model.state_dict().items():
         value = state.get(name)
-        if "quantizer" in name and value is not None and value.numel() == 1 and value.shape != target.shape:
+        if "quantizer" not in name or value is None or value.shape == target.shape:
+            continue
+        if value.numel() == 1:
             state[name] = value.reshape(()).expand_as(target).clone()
+        elif target.numel() == 1:
+            raise ValueError(
+                f"init_from={source!r} has {value.numel()} values for {name} where the model has one: it was "
+                "trained with per-channel quantizer parameters; build the model with the same quantizer spec, "
+                "e.g. weight_quantizer {name: lsq, per_channel: true}"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     real_missing = [k for k in missing if "quantizer" not in k]
     if real_missing or unexpected:
