@@ -184,10 +184,11 @@ def test_default_checkpoint_is_picked_on_validation_not_test(tmp_path, monkeypat
     for tag, card in (
         ("unvalidated", {"top1": 90.0}),  # no validation number: ranks after every validated card
         ("lucky", {"top1": 70.0, "val_top1": 55.0}),  # best on test, worse on validation
-        ("selected", {"top1": 65.0, "val_top1": 58.0}),
+        ("selected", {"top1": 65.0, "val_top1": 58.0, "epochs": 20}),
+        ("a_longer_tie", {"top1": 66.0, "val_top1": 58.0, "epochs": 10, "epochs_total": 30}),  # first by name
     ):
         save_packed(model, tmp_path / f"resnet20_w1a1.{tag}.safetensors", {"name": f"resnet20_w1a1.{tag}", **card})
-    assert zoo.model_card("resnet20_w1a1")["name"] == "resnet20_w1a1.selected"
+    assert zoo.model_card("resnet20_w1a1")["name"] == "resnet20_w1a1.selected"  # the tie: 20 epochs, not 30
 
 
 def test_registry_finds_cards_and_picks_default(tmp_path, monkeypatch):

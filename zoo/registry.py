@@ -208,7 +208,9 @@ def resolve_card(name: str) -> dict[str, Any]:
 
     The default is the card marked ``"default": true``, else the best ``val_top1`` (the
     validation split carved from the training set: picking by test top-1 would select on the
-    test set); cards without a validation number rank by ``top1`` after those with one."""
+    test set); a tie goes to the card trained for fewer epochs in all (``epochs_total``, else
+    ``epochs``: as good for less), then to the first by file name; cards without a validation
+    number rank by ``top1`` after those with one."""
     parsed = parse_name(name)
     cards = _cards_for(parsed.base)
     if not cards:
@@ -229,7 +231,7 @@ def resolve_card(name: str) -> dict[str, Any]:
         return defaults[0]
     validated = [c for c in cards if c.get("val_top1") is not None]
     if validated:
-        return max(validated, key=lambda c: c["val_top1"])
+        return max(validated, key=lambda c: (c["val_top1"], -(c.get("epochs_total") or c.get("epochs") or 0)))
     return max(cards, key=lambda c: c.get("top1") or 0.0)
 
 
