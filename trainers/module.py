@@ -37,25 +37,12 @@ def init_model_from(model: nn.Module, source: str) -> list[str]:
     """Copy the weights of ``source`` into ``model`` (two-step training, fine-tuning).
 
     Every parameter of ``model`` must be found; quantizer state the source lacks
-    (a float model has no LSQ step or estimator ``t``) keeps its fresh value. A per-tensor
-    quantizer parameter (one value, e.g. an LSQ step) is copied into every channel of a
-    per-channel one, so a per-channel model starts as the per-tensor source.
+    (a float model has no LSQ step or estimator ``t``) keeps its fresh value; a per-tensor
+    LSQ step fills every channel of a per-channel one (:class:`zoo.quant.LSQ` loads it so).
     Returns the names that were not in the source.
     """
     loaded = load_weights(source)
-    state = dict(loaded.state_dict() if isinstance(loaded, nn.Module) else loaded)
-    for name, target in model.state_dict().items():
-        value = state.get(name)
-        if "quantizer" not in name or value is None or value.shape == target.shape:
-            continue
-        if value.numel() == 1:
-            state[name] = value.reshape(()).expand_as(target).clone()
-        elif target.numel() == 1:
-            raise ValueError(
-                f"init_from={source!r} has {value.numel()} values for {name} where the model has one: it was "
-                "trained with per-channel quantizer parameters; build the model with the same quantizer spec, "
-                "e.g. weight_quantizer {name: lsq, per_channel: true}"
-            )
+    state = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
     missing, unexpected = model.load_state_dict(state, strict=False)
     real_missing = [k for k in missing if "quantizer" not in k]
     if real_missing or unexpected:

@@ -160,6 +160,21 @@ class LSQ(WeightQuantizer):
             self.oscillation = OscillationState(shape, momentum).to(self.step.device)
         return self.oscillation
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Accept a per-tensor step for a per-channel quantizer: every channel starts at that step,
+        so a per-channel model loaded from a per-tensor one computes the same function."""
+        step = state_dict.get(prefix + "step")
+        if step is not None and step.shape != self.step.shape:
+            if step.numel() == 1:
+                state_dict[prefix + "step"] = step.reshape(()).expand_as(self.step).clone()
+            elif self.step.numel() == 1:
+                raise ValueError(
+                    f"{prefix}step has {step.numel()} values where this model has one: the weights were trained "
+                    "with per-channel quantizer parameters; build the model with the same quantizer spec, "
+                    "e.g. weight_quantizer {name: lsq, per_channel: true}"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _step(self, v: Tensor) -> Tensor:
         if self.per_channel:
             return self.step.view(-1, *([1] * (v.dim() - 1)))
