@@ -1,6 +1,7 @@
 """Training-step throughput of quantized vs float models in one run (target: w1a1 >= 0.85 x fp).
 
-    python benchmarks/train_throughput.py [--models resnet20_fp resnet20_w1a1] [--steps 20] [--bf16] [--compile]
+    python benchmarks/train_throughput.py [--models resnet20_fp resnet20_w1a1] [--steps 20]
+        [--bf16] [--compile] [--channels-last]
 
 Each model runs SGD steps (forward, backward, update) on random batches of
 128 CIFAR-sized images; the first steps are warm-up. Models alternate in
@@ -40,16 +41,20 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile every model (inductor fuses the element-wise chains)"
     )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="weights in channels_last memory (--model.init_args.channels_last)"
+    )
     args = parser.parse_args()
     from zoo.quant.estimators import use_kernels
 
     kernels = use_kernels(args.kernels)
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     y = torch.randint(0, 10, (args.batch_size,))
     setups = {}
     for name in args.models:
-        model = zoo.create_model(name).train()
+        model = zoo.create_model(name).train().to(memory_format=memory_format)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         setups[name] = (torch.compile(model) if args.compile else model, opt)
 
@@ -78,6 +83,7 @@ def main() -> None:
         f"batch {args.batch_size}, {kernels} kernels"
         + (", bf16 autocast" if args.bf16 else "")
         + (", torch.compile" if args.compile else "")
+        + (", channels_last" if args.channels_last else "")
     )
     print(f"{'model':20s} {'images/s':>10s} {'ratio':>7s}")
     for name in args.models:

@@ -323,6 +323,43 @@ def test_init_from_a_per_tensor_model_gives_every_channel_its_step(tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 
+def test_channels_last_changes_the_memory_layout_not_the_values(float_teacher, tmp_path):
+    """``channels_last`` stores student and teacher convolutions NHWC; logits, the KD loss, the
+    gradients and the packed file are those of the default layout (to float rounding)."""
+    from safetensors.torch import load_file
+
+    import zoo
+    from trainers.module import ZooClassifier
+
+    def build(channels_last: bool) -> ZooClassifier:
+        torch.manual_seed(0)
+        args = {"teacher": str(float_teacher), "kd_weight": 1.0, "kd_temperature": 4.0}
+        module = ZooClassifier(model="resnet20_fp", channels_last=channels_last, **args)
+        module.setup("fit")
+        return module
+
+    plain, nhwc = build(False), build(True)
+    for module, expected in ((plain, False), (nhwc, True)):
+        for weights in (module.model.layer2[0].conv1.weight, module.teacher.layer3[1].conv2.weight):
+            assert weights.is_contiguous(memory_format=torch.channels_last) is expected
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    nhwc.log = plain.log = lambda *args, **kwargs: None  # no trainer to log to
+    losses = [module.training_step((x, y), 0) for module in (plain, nhwc)]
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
+    for loss in losses:
+        loss.backward()
+    grads = [m.model.layer3[2].conv1.weight.grad for m in (plain, nhwc)]
+    assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    paths = [tmp_path / f"{name}.safetensors" for name in ("plain", "nhwc")]
+    for module, path in zip((plain, nhwc), paths, strict=True):
+        zoo.save_packed(module.model, path)
+    blobs = [load_file(path) for path in paths]  # no step taken: the same weights, BN statistics to rounding
+    assert blobs[1].keys() == blobs[0].keys()
+    assert all(torch.allclose(blobs[1][kind], blobs[0][kind], rtol=1e-5, atol=1e-6) for kind in blobs[0])
+    assert torch.equal(zoo.load_packed(paths[1]).layer1[0].conv1.weight, nhwc.model.layer1[0].conv1.weight)
+
+
 def _run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     out = subprocess.run(
