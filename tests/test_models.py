@@ -168,3 +168,48 @@ def test_he_resnet_blocks_follow_he_et_al_and_share_the_ir_net_conv_shapes():
     he = {k: v.shape for k, v in model.state_dict().items()}
     ir = {k: v.shape for k, v in zoo.create_model("resnet20_fp").state_dict().items() if not k.startswith("head_bn")}
     assert he == ir
+
+
+@pytest.mark.parametrize("name", ["resnet20_w1a1", "resnet20_w1a32", "resnet20_fp"])
+def test_a_channels_last_model_keeps_its_gradients_channels_last(name):
+    """Training a channels_last ResNet-20 (``--model.init_args.channels_last``) is only fast if
+    the backward stays NHWC: an NCHW gradient (from the global pool or the option-A shortcut)
+    meeting NHWC activations sends BatchNorm's and hardtanh's backward down a slow path."""
+    torch.manual_seed(0)
+    model = zoo.create_model(name).train().to(memory_format=torch.channels_last)
+    layouts: dict[str, bool] = {}
+
+    def watch(module_name: str, output: torch.Tensor) -> None:
+        def record(grad: torch.Tensor) -> None:
+            layouts[module_name] = grad.is_contiguous(memory_format=torch.channels_last)
+
+        if output.dim() == 4 and output.requires_grad:
+            output.register_hook(record)
+
+    for module_name, module in model.named_modules():
+        if module_name:
+            module.register_forward_hook(lambda m, args, out, n=module_name: watch(n, out))
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert len(layouts) > 50  # every block's convs, BNs, activations and shortcuts were seen
+    assert [n for n, channels_last in layouts.items() if not channels_last] == []
+    assert model.layer2[0].bn1.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["resnet20_w1a1", "resnet20_w1a32", "resnet20_w2a2"])
+def test_a_channels_last_model_computes_what_the_nchw_model_computes(name):
+    """The same logits and gradients in either layout (float64, so no rounding flips a sign). The
+    2-bit model's ReLUs see exact ties at 0 (its BN inputs take few values), where a 1e-16 rounding
+    decides the ReLU's gradient, so for it only the logits are compared."""
+    torch.manual_seed(0)
+    nchw = zoo.create_model(name).double().train()
+    nhwc = zoo.create_model(name).double().train().to(memory_format=torch.channels_last)
+    nhwc.load_state_dict(nchw.state_dict())
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
+    logits = [m(x) for m in (nchw, nhwc)]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-10, atol=1e-12)
+    if name == "resnet20_w2a2":
+        return
+    for out in logits:
+        torch.nn.functional.cross_entropy(out, y).backward()
+    for (key, a), b in zip(nchw.named_parameters(), nhwc.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-8, atol=1e-10, msg=key)

@@ -116,10 +116,10 @@ class ZooClassifier(pl.LightningModule):
             ``compiled`` (``torch.compile``) or ``cpp`` (the project's fused C++ kernels), see
             :func:`zoo.quant.estimators.use_kernels`. The values are the same to float rounding.
         channels_last: keep the models' 4-d weights in ``torch.channels_last`` (NHWC) memory, as
-            timm's ``--channels-last``; the convolutions' outputs follow their weights. The values
-            are the same to float rounding. On a 2-core AVX2 CPU a float ResNet-20 trains 1.3x
-            (one thread) to 1.7x (two threads) faster; the quantized ResNet-20s and ResNet-18
-            gain nothing or run slower (``benchmarks/train_throughput.py --channels-last``).
+            timm's ``--channels-last``; activations and gradients follow. The values are the same
+            to float rounding. On a 2-core AVX2 CPU a float ResNet-20 trained 1.3x (one thread)
+            to 1.7x (two threads) faster, the 1- and 2-bit ResNet-20s 1.1-1.3x; ResNet-18 ran
+            slower (``benchmarks/train_throughput.py --channels-last``, docs/training.md).
     """
 
     def __init__(

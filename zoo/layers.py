@@ -172,6 +172,25 @@ class HardtanhSign(nn.Hardtanh):
         return out
 
 
+class GlobalAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d(1)`` whose gradient keeps a channels_last input's layout.
+
+    ``AdaptiveAvgPool2d(1)`` is a ``mean``, whose gradient comes back NCHW; an NCHW gradient
+    meeting NHWC activations sends every BatchNorm backward and hardtanh behind it down PyTorch's
+    slow mixed-layout path (``--model.init_args.channels_last``). So in training the mean is
+    ``avg_pool2d`` with the whole map as its window (the same values to rounding); in eval mode it
+    stays the adaptive pool, which exports to ONNX for any input size.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return F.avg_pool2d(x, x.shape[-2:])
+        return super().forward(x)
+
+
 class RPReLU(nn.Module):
     """ReActNet's RPReLU (Liu et al., ECCV 2020): ``PReLU(x - gamma_c) + zeta_c`` per channel."""
 

@@ -20,19 +20,22 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..layers import HardtanhSign
+from ..layers import GlobalAvgPool2d, HardtanhSign
 from .base import ACTIVATIONS, QuantConfig, ZooModel
 
 
 class OptionAShortcut(nn.Module):
-    """Parameter-free shortcut (He et al. 2016, option A): subsample by 2, zero-pad channels."""
+    """Parameter-free shortcut (He et al. 2016, option A): subsample by 2, zero-pad channels.
+
+    The subsampling ``x[:, :, ::2, ::2]`` is a 1x1 average pool with stride 2 (the same values),
+    whose gradient keeps a channels_last layout; the slice's gradient comes back NCHW."""
 
     def __init__(self, pad_channels: int) -> None:
         super().__init__()
         self.pad_channels = pad_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad_channels, self.pad_channels))
+        return F.pad(F.avg_pool2d(x, 1, 2), (0, 0, 0, 0, self.pad_channels, self.pad_channels))
 
 
 def downsample_shortcut(q: QuantConfig, kind: str, in_planes: int, planes: int, stride: int) -> nn.Module:
@@ -139,7 +142,7 @@ class ResNet(ZooModel):
             self.feature_info.append({"module": f"layer{i + 1}", "num_chs": width, "reduction": reduction})
         self.num_stages = len(depths)
         self.num_features = in_planes
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool2d()
         self.head_bn = nn.BatchNorm1d(in_planes) if head_bn else nn.Identity()
         self.fc = q.classifier(in_planes, num_classes)
         self.feature_info.append({"module": "head_bn", "num_chs": in_planes, "reduction": None})
