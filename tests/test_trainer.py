@@ -727,6 +727,7 @@ def test_ddp_two_processes_trains_and_syncs_metrics(tiny_zip, float_teacher, tmp
             "--trainer.strategy=ddp",
             "--trainer.devices=2",
             "--trainer.logger.init_args.version=ddpfit",
+            "--model.init_args.channels_last=true",  # DDP's gradient buckets with NHWC weights
         ],
         cwd=tmp_path,
     )
