@@ -320,9 +320,6 @@ def test_init_from_a_per_tensor_model_gives_every_channel_its_step(tmp_path):
         init_model_from(zoo.create_model("resnet20_w2a2"), str(tmp_path / "pc.safetensors"))
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
 def test_channels_last_changes_the_memory_layout_not_the_values(float_teacher, tmp_path):
     """``channels_last`` stores student and teacher convolutions NHWC; logits, the KD loss, the
     gradients and the packed file are those of the default layout (to float rounding)."""
@@ -358,6 +355,9 @@ def test_channels_last_changes_the_memory_layout_not_the_values(float_teacher, t
     assert blobs[1].keys() == blobs[0].keys()
     assert all(torch.allclose(blobs[1][kind], blobs[0][kind], rtol=1e-5, atol=1e-6) for kind in blobs[0])
     assert torch.equal(zoo.load_packed(paths[1]).layer1[0].conv1.weight, nhwc.model.layer1[0].conv1.weight)
+
+
+# ----------------------------------------------------------------------------- CLI
 
 
 def _run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
