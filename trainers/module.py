@@ -118,8 +118,8 @@ class ZooClassifier(pl.LightningModule):
         channels_last: keep the models' 4-d weights in ``torch.channels_last`` (NHWC) memory, as
             timm's ``--channels-last``; activations and gradients follow. The values are the same
             to float rounding. On a 2-core AVX2 CPU a float ResNet-20 trained 1.3x (one thread)
-            to 1.7x (two threads) faster, the 1- and 2-bit ResNet-20s 1.1-1.3x; ResNet-18 ran
-            slower (``benchmarks/train_throughput.py --channels-last``, docs/training.md).
+            to 1.7x (two threads) faster, the W1A32 and 2-bit LSQ ones 1.1-1.2x; the W1A1 one
+            with ``cpp`` kernels and ResNet-18 ran slower (docs/training.md).
     """
 
     def __init__(
