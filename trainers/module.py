@@ -116,10 +116,8 @@ class ZooClassifier(pl.LightningModule):
             ``compiled`` (``torch.compile``) or ``cpp`` (the project's fused C++ kernels), see
             :func:`zoo.quant.estimators.use_kernels`. The values are the same to float rounding.
         channels_last: keep the models' 4-d weights in ``torch.channels_last`` (NHWC) memory, as
-            timm's ``--channels-last``; activations and gradients follow. The values are the same
-            to float rounding. On a 2-core AVX2 CPU a float ResNet-20 trained 1.3x (one thread)
-            to 1.7x (two threads) faster, the W1A32 and 2-bit LSQ ones 1.1-1.2x; the W1A1 one
-            with ``cpp`` kernels and ResNet-18 ran slower (docs/training.md).
+            timm's ``--channels-last``; activations and gradients follow, values equal to float
+            rounding. Faster CPU training for most zoo models (measured in docs/training.md).
     """
 
     def __init__(
