@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import zoo
+from zoo.kernels import kernels_available
 from zoo.layers import QConv2d, QLinear
 
 
@@ -170,13 +171,30 @@ def test_he_resnet_blocks_follow_he_et_al_and_share_the_ir_net_conv_shapes():
     assert he == ir
 
 
-@pytest.mark.parametrize("name", ["resnet20_w1a1", "resnet20_w1a32", "resnet20_fp"])
-def test_a_channels_last_model_keeps_its_gradients_channels_last(name):
+CPP_SIGN = pytest.mark.skipif(not kernels_available("sign"), reason="the C++ sign kernels need a C++ compiler")
+
+
+@pytest.mark.parametrize(
+    ("name", "kernels"),
+    [
+        ("resnet20_w1a1", "eager"),
+        pytest.param("resnet20_w1a1", "cpp", marks=CPP_SIGN),
+        pytest.param("resnet20_w1a32", "cpp", marks=CPP_SIGN),
+        ("resnet20_w1a32", "eager"),
+        ("resnet20_fp", "eager"),
+    ],
+)
+def test_a_channels_last_model_keeps_its_activations_and_gradients_channels_last(name, kernels):
     """Training a channels_last ResNet-20 (``--model.init_args.channels_last``) is only fast if
-    the backward stays NHWC: an NCHW gradient (from the global pool or the option-A shortcut)
-    meeting NHWC activations sends BatchNorm's and hardtanh's backward down a slow path."""
+    the forward and the backward stay NHWC: an NCHW tensor (from the global pool, the option-A
+    shortcut or a sign kernel) meeting NHWC ones sends BatchNorm's and hardtanh's backward down a
+    slow path. The C++ sign kernels (``quantizer_kernels: cpp``) return their results in the
+    layout of their input."""
+    from zoo.quant.estimators import use_kernels
+
     torch.manual_seed(0)
     model = zoo.create_model(name).train().to(memory_format=torch.channels_last)
+    outputs: dict[str, bool] = {}
     layouts: dict[str, bool] = {}
 
     def watch(module_name: str, output: torch.Tensor) -> None:
@@ -184,13 +202,19 @@ def test_a_channels_last_model_keeps_its_gradients_channels_last(name):
             layouts[module_name] = grad.is_contiguous(memory_format=torch.channels_last)
 
         if output.dim() == 4 and output.requires_grad:
+            outputs[module_name] = output.is_contiguous(memory_format=torch.channels_last)
             output.register_hook(record)
 
     for module_name, module in model.named_modules():
         if module_name:
             module.register_forward_hook(lambda m, args, out, n=module_name: watch(n, out))
-    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert use_kernels(kernels) == kernels
+    try:
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+    finally:
+        use_kernels("eager")
     assert len(layouts) > 50  # every block's convs, BNs, activations and shortcuts were seen
+    assert [n for n, channels_last in outputs.items() if not channels_last] == []
     assert [n for n, channels_last in layouts.items() if not channels_last] == []
     assert model.layer2[0].bn1.weight.grad is not None
 

@@ -297,29 +297,40 @@ def test_cpp_sign_kernels_against_independent_formulas():
 @pytest.mark.skipif(not kernels_available("sign"), reason="the C++ sign kernels need a C++ compiler")
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpp_sign_kernels_per_dtype_and_instruction_set(dtype, isa, monkeypatch):
-    """Every vector path ($ZOO_SIGN_ISA caps it) in float32 and bfloat16 (bf16 autocast training): the
-    values and gradients keep the input's dtype, computed in float32 and rounded to nearest even, checked
-    against float64 formulas; statistics in float32. Planes of 99 elements also run the scalar tails."""
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_cpp_sign_kernels_per_dtype_instruction_set_and_layout(dtype, isa, layout, monkeypatch):
+    """Every vector path ($ZOO_SIGN_ISA caps it) in float32 and bfloat16 (bf16 autocast training), on
+    NCHW and channels_last (NHWC) inputs: the values and gradients keep the input's dtype and layout,
+    computed in float32 and rounded to nearest even, checked against float64 formulas; statistics in
+    float32. Planes of 99 elements and rows of 11 channels (8 in vectors) also run the scalar tails;
+    the gradients arrive in the other layout, or in the input's."""
     from zoo.kernels import load
 
     monkeypatch.setenv("ZOO_SIGN_ISA", isa)
     ops = load("sign")
     gen = torch.Generator().manual_seed(5)
-    x = (torch.randn(5, 7, 9, 11, generator=gen) * 1.5).to(dtype)
+    x = (torch.randn(5, 11, 9, 11, generator=gen) * 1.5).to(dtype).contiguous(memory_format=layout)
     x[0, 0, 0, :2] = torch.tensor([0.0, -0.0])
+    other = torch.channels_last if layout == torch.contiguous_format else torch.contiguous_format
+
+    def in_layout(*outputs: torch.Tensor) -> bool:
+        return all(t.is_contiguous(memory_format=layout) for t in outputs)
+
     xd = x.double()
     signs = torch.where(xd >= 0, 1.0, -1.0).to(dtype)
     values, sigma = ops.sign_and_std(x)
     assert values.dtype == dtype and torch.equal(values, signs) and torch.equal(ops.sign_values(x), signs)
-    assert sigma.dtype == torch.float32
+    assert sigma.dtype == torch.float32 and in_layout(values, ops.sign_values(x))
+    assert torch.equal(ops.channel_std(x), sigma)
     torch.testing.assert_close(sigma.double(), xd.std(dim=(0, 2, 3), keepdim=True), rtol=1e-5, atol=0)
     out, values, sigma = ops.hardtanh_sign_std(x)
     clamped = xd.clamp(-1, 1)
     assert out.dtype == dtype and torch.equal(out.double(), clamped) and torch.equal(values, signs)
+    assert in_layout(out, values)
     torch.testing.assert_close(sigma.double(), clamped.std(dim=(0, 2, 3), keepdim=True), rtol=1e-5, atol=0)
 
-    grad, grad_out = (torch.randn(x.shape, generator=gen).to(dtype) for _ in range(2))
+    grad = torch.randn(x.shape, generator=gen).to(dtype).contiguous(memory_format=other)
+    grad_out = torch.randn(x.shape, generator=gen).to(dtype).contiguous(memory_format=layout)
     slope = (2.5 / sigma).float()
     surrogate = grad.double() * slope.double() * (1 - torch.tanh(slope.double() * xd) ** 2)
     fused = (grad_out.double() + surrogate) * (xd.abs() < 1)
@@ -328,7 +339,7 @@ def test_cpp_sign_kernels_per_dtype_and_instruction_set(dtype, isa, monkeypatch)
         (ops.tanh_grad(x, slope, slope, grad), surrogate),
         (ops.hardtanh_sign_grad(x, slope, slope, grad_out, grad), fused),
     ]:
-        assert got.dtype == dtype
+        assert got.dtype == dtype and in_layout(got)
         if dtype == torch.float32:
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
         else:  # nearest-even rounding of the float32 result: the float64 value rounded, but for near-ties
@@ -363,13 +374,15 @@ def test_cpp_kernels_match_eager_in_quantizers(estimator):
 
 @pytest.mark.skipif(not kernels_available("sign"), reason="the C++ sign kernels need a C++ compiler")
 @pytest.mark.parametrize("distribution_aware", [True, False])
-def test_fused_imb_against_float64_autograd_of_its_formula(distribution_aware):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fused_imb_against_float64_autograd_of_its_formula(distribution_aware, layout):
     """The C++ IMB (values and the closed-form backward through the standardisation) against float64
-    autograd of ``s * k tanh(t w_hat / sigma)``, whose gradient is the estimator's."""
+    autograd of ``s * k tanh(t w_hat / sigma)``, whose gradient is the estimator's; a channels_last
+    weight gets a channels_last quantized weight and gradient."""
     from zoo.quant import estimators
 
     gen = torch.Generator().manual_seed(6)
-    w = torch.randn(6, 5, 3, 3, generator=gen) * 0.05 + 0.01
+    w = (torch.randn(6, 5, 3, 3, generator=gen) * 0.05 + 0.01).contiguous(memory_format=layout)
     g = torch.randn(w.shape, generator=gen)
     est = TanhEstimator(t=2.5, distribution_aware=distribution_aware)
     assert estimators.use_kernels("cpp") == "cpp"
@@ -380,6 +393,7 @@ def test_fused_imb_against_float64_autograd_of_its_formula(distribution_aware):
     finally:
         estimators.use_kernels("eager")
     assert estimators.fused_imb(w, est) is None  # eager kernels: IMBWeight's autograd formula
+    assert values.is_contiguous(memory_format=layout) and x.grad.is_contiguous(memory_format=layout)
 
     wd = w.double().requires_grad_()
     dims = (1, 2, 3)

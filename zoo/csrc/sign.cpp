@@ -17,6 +17,10 @@
 //                                   = its gradient: with h = g s_j scale_j (1 - tanh(slope_j w_hat)^2),
 //                                     (h - mean_j h - w_hat sum_j(h w_hat) / (n - 1)) / std_j
 // slope and scale hold one value or one per channel (dim 1 of NCHW; the row of imb_backward).
+// The activation kernels read 4-D x in its own layout, NCHW or channels_last (NHWC, as
+// torch.channels_last training stores activations), and return their outputs in that layout; the other
+// tensor arguments are read in x's layout. NHWC runs the per-channel statistics and slopes along the
+// innermost dim instead of converting to NCHW and back (two extra passes per kernel).
 // The activation kernels take float32 or bfloat16 (bf16 autocast training): bf16 values are widened
 // to float32, all arithmetic runs in float32 and results are rounded back to nearest even, as
 // c10::BFloat16 does; the statistics are float32 for either. The IMB kernels take float32 (weights).
@@ -62,6 +66,12 @@ void check_tensor(const at::Tensor& x, const char* what) {
 void check_same_dtype(const at::Tensor& x, const at::Tensor& other, const char* what) {
   TORCH_CHECK(x.scalar_type() == other.scalar_type(), what, ": tensors must share one dtype, got ",
               x.scalar_type(), " and ", other.scalar_type());
+}
+
+// NHWC when x is 4-D and stored channels_last (but not also NCHW-contiguous, as 1x1 maps are), else NCHW
+at::MemoryFormat layout_of(const at::Tensor& x) {
+  const bool nhwc = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 // ``body(T())`` with T = float or BF16 for x's dtype (a generic lambda takes the tag).
@@ -137,7 +147,7 @@ Isa vector_isa() {
 
 at::Tensor sign_values(const at::Tensor& x) {
   check_tensor(x, "sign_values");
-  at::Tensor in = x.contiguous();
+  at::Tensor in = x.contiguous(layout_of(x));
   at::Tensor out = at::empty_like(in);
   dispatch(in, [&](auto tag) {
     using T = decltype(tag);
@@ -227,10 +237,113 @@ __attribute__((target("avx512f"))) void clamped_plane_moments_avx512(const T* p,
 }
 #endif
 
+// The unbiased std per channel (float32, >= 1e-8) of ``count`` values each, from the partial sums of
+// ``blocks`` blocks laid out [block][channel], summed over the blocks in order: the same for any thread count
+void finish_stds(const std::vector<double>& sums, const std::vector<double>& sums_sq, int64_t blocks, int64_t c,
+                 int64_t count, float* stds) {
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double sum = 0.0, sum_sq = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      sum += sums[b * c + ch];
+      sum_sq += sums_sq[b * c + ch];
+    }
+    const double mean = sum / count;
+    const double var = std::max(sum_sq / count - mean * mean, 0.0) * count / std::max<int64_t>(count - 1, 1);
+    stds[ch] = std::max(static_cast<float>(std::sqrt(var)), 1e-8f);
+  }
+}
+
+// NHWC rows of c channels: per-channel float sums and sums of squares into s and q, the sign values into
+// ``values`` (kValues); with kClamp of clamp(p, -1, 1), written to ``clamped``. The portable loop (and the
+// channels past the last multiple of 8 in rows_moments_avx2).
+template <typename T, bool kValues, bool kClamp>
+__attribute__((always_inline)) inline void rows_moments_body(const T* __restrict__ p, int64_t rows, int64_t c,
+                                                             T* __restrict__ values, T* __restrict__ clamped,
+                                                             float* __restrict__ s, float* __restrict__ q) {
+  const T one(1.f), minus_one(-1.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = r * c;
+    for (int64_t k = 0; k < c; ++k) {
+      float v = widen(p[o + k]);
+      if (kClamp) {
+        v = std::min(std::max(v, -1.f), 1.f);
+        clamped[o + k] = narrow<T>(v);  // exact: a clamped bf16 value is a bf16 value
+      }
+      s[k] += v;
+      q[k] += v * v;
+      if (kValues) values[o + k] = v >= 0.f ? one : minus_one;
+    }
+  }
+}
+
+template <typename T, bool kValues, bool kClamp>
+void rows_moments_scalar(const T* p, int64_t rows, int64_t c, T* values, T* clamped, float* s, float* q) {
+  rows_moments_body<T, kValues, kClamp>(p, rows, c, values, clamped, s, q);
+}
+
+#if ZOO_X86
+// 8 channels at a time; the clamp as in clamped_plane_moments_avx512
+template <typename T, bool kValues, bool kClamp>
+__attribute__((target("avx2,fma"))) void rows_moments_avx2(const T* p, int64_t rows, int64_t c, T* values,
+                                                           T* clamped, float* s, float* q) {
+  const __m256 one = _mm256_set1_ps(1.f), minus_one = _mm256_set1_ps(-1.f), zero = _mm256_setzero_ps();
+  const int64_t vec = c - c % 8;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = r * c;
+    for (int64_t k = 0; k < vec; k += 8) {
+      __m256 v = load8(p + o + k);
+      if (kClamp) {
+        v = _mm256_min_ps(_mm256_max_ps(v, minus_one), one);
+        store8(clamped + o + k, v);
+      }
+      _mm256_storeu_ps(s + k, _mm256_add_ps(_mm256_loadu_ps(s + k), v));
+      _mm256_storeu_ps(q + k, _mm256_fmadd_ps(v, v, _mm256_loadu_ps(q + k)));
+      if (kValues) store8(values + o + k, _mm256_blendv_ps(minus_one, one, _mm256_cmp_ps(v, zero, _CMP_GE_OQ)));
+    }
+    if (vec < c) {
+      rows_moments_body<T, kValues, kClamp>(p + o + vec, 1, c - vec, kValues ? values + o + vec : nullptr,
+                                            kClamp ? clamped + o + vec : nullptr, s + vec, q + vec);
+    }
+  }
+}
+#endif
+
+// sign_std_pass for NHWC x: blocks of whole rows (a fixed size, so the sums do not depend on the thread
+// count), each block's per-channel moments in float, then in double per block
+template <typename T, bool kValues, bool kClamp>
+void sign_std_pass_nhwc(const at::Tensor& in, T* values, float* stds, T* clamped) {
+  const int64_t c = in.size(1), rows = in.numel() / c;
+  const int64_t rows_per_block = std::max<int64_t>(1, 8192 / c), blocks = (rows + rows_per_block - 1) / rows_per_block;
+  const T* src = in.data_ptr<T>();
+  auto moments = rows_moments_scalar<T, kValues, kClamp>;
+#if ZOO_X86
+  if (vector_isa() >= Isa::avx2) moments = rows_moments_avx2<T, kValues, kClamp>;
+#endif
+  std::vector<double> sums(blocks * c, 0.0), sums_sq(blocks * c, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(c), q(c);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(s.begin(), s.end(), 0.f);
+      std::fill(q.begin(), q.end(), 0.f);
+      const int64_t offset = b * rows_per_block * c, count = std::min(rows_per_block, rows - b * rows_per_block);
+      moments(src + offset, count, c, kValues ? values + offset : nullptr, kClamp ? clamped + offset : nullptr,
+              s.data(), q.data());
+      std::copy(s.begin(), s.end(), sums.begin() + b * c);
+      std::copy(q.begin(), q.end(), sums_sq.begin() + b * c);
+    }
+  });
+  finish_stds(sums, sums_sq, blocks, c, rows, stds);
+}
+
 // sign values of x (when ``values`` is not null) and the unbiased per-channel std (float32), one pass per
 // channel; with ``clamped``, of clamp(x, -1, 1), written there
 template <typename T>
 void sign_std_pass(const at::Tensor& in, T* values, float* stds, T* clamped = nullptr) {
+  if (layout_of(in) == at::MemoryFormat::ChannelsLast) {
+    if (clamped != nullptr) return sign_std_pass_nhwc<T, true, true>(in, values, stds, clamped);
+    if (values != nullptr) return sign_std_pass_nhwc<T, true, false>(in, values, stds, nullptr);
+    return sign_std_pass_nhwc<T, false, false>(in, nullptr, stds, nullptr);
+  }
   const int64_t n = in.size(0), c = in.size(1), plane = in.size(2) * in.size(3), count = n * plane;
   const T* src = in.data_ptr<T>();
   auto moments = plane_moments_scalar<T>;
@@ -254,28 +367,19 @@ void sign_std_pass(const at::Tensor& in, T* values, float* stds, T* clamped = nu
       }
     }
   });
-  for (int64_t ch = 0; ch < c; ++ch) {
-    double sum = 0.0, sum_sq = 0.0;
-    for (int64_t b = 0; b < n; ++b) {
-      sum += sums[b * c + ch];
-      sum_sq += sums_sq[b * c + ch];
-    }
-    const double mean = sum / count;
-    const double var = std::max(sum_sq / count - mean * mean, 0.0) * count / std::max<int64_t>(count - 1, 1);
-    stds[ch] = std::max(static_cast<float>(std::sqrt(var)), 1e-8f);
-  }
+  finish_stds(sums, sums_sq, n, c, count, stds);
 }
 
 at::Tensor new_stds(const at::Tensor& in) { return at::empty({1, in.size(1), 1, 1}, in.options().dtype(at::kFloat)); }
 
-void check_nchw(const at::Tensor& x, const char* what) {
+void check_4d(const at::Tensor& x, const char* what) {
   check_tensor(x, what);
-  TORCH_CHECK(x.dim() == 4, what, ": expected an NCHW tensor");
+  TORCH_CHECK(x.dim() == 4, what, ": expected a 4-D (NCHW or channels_last) tensor, got ", x.dim(), " dims");
 }
 
 at::Tensor channel_std(const at::Tensor& x) {
-  check_nchw(x, "channel_std");
-  at::Tensor in = x.contiguous();
+  check_4d(x, "channel_std");
+  at::Tensor in = x.contiguous(layout_of(x));
   at::Tensor stds = new_stds(in);
   dispatch(in, [&](auto tag) {
     using T = decltype(tag);
@@ -285,8 +389,8 @@ at::Tensor channel_std(const at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor> sign_and_std(const at::Tensor& x) {
-  check_nchw(x, "sign_and_std");
-  at::Tensor in = x.contiguous();
+  check_4d(x, "sign_and_std");
+  at::Tensor in = x.contiguous(layout_of(x));
   at::Tensor values = at::empty_like(in), stds = new_stds(in);
   dispatch(in, [&](auto tag) {
     using T = decltype(tag);
@@ -296,8 +400,8 @@ std::tuple<at::Tensor, at::Tensor> sign_and_std(const at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hardtanh_sign_std(const at::Tensor& x) {
-  check_nchw(x, "hardtanh_sign_std");
-  at::Tensor in = x.contiguous();
+  check_4d(x, "hardtanh_sign_std");
+  at::Tensor in = x.contiguous(layout_of(x));
   at::Tensor out = at::empty_like(in), values = at::empty_like(in), stds = new_stds(in);
   dispatch(in, [&](auto tag) {
     using T = decltype(tag);
@@ -306,25 +410,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hardtanh_sign_std(const at::Tenso
   return {out, values, stds};
 }
 
-// out[i] = g[i] * scale * (1 - tanh(slope * x[i])^2) over a span, one slope/scale; with ``pass``
-// (the gradient of a hardtanh output x that also feeds the sign): (pass[i] + that) * (|x[i]| < 1)
-template <typename T>
-void tanh_grad_span_scalar(const T* x, const T* g, const T* pass, float slope, float scale, T* out, int64_t count) {
+// out[i] = g[i] * scale * (1 - tanh(slope * x[i])^2) over a span, one slope/scale (*slope, *scale) or with
+// kLanes one per element (slope[i], scale[i]); with ``pass`` (the gradient of a hardtanh output x that also
+// feeds the sign): (pass[i] + that) * (|x[i]| < 1)
+template <typename T, bool kLanes>
+void tanh_grad_span_scalar(const T* x, const T* g, const T* pass, const float* slope, const float* scale, T* out,
+                           int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
-    const float v = widen(x[i]);
-    const float u = std::tanh(slope * v);
-    const float d = widen(g[i]) * (scale - scale * u * u);
+    const float v = widen(x[i]), sk = scale[kLanes ? i : 0];
+    const float u = std::tanh(slope[kLanes ? i : 0] * v);
+    const float d = widen(g[i]) * (sk - sk * u * u);
     out[i] = narrow<T>(pass == nullptr ? d : (std::fabs(v) < 1.f ? widen(pass[i]) + d : 0.f));
   }
 }
 
 #if ZOO_X86
-template <typename T>
-__attribute__((target("avx512f"))) void tanh_grad_span_avx512(const T* x, const T* g, const T* pass, float slope,
-                                                              float scale, T* out, int64_t count) {
-  const __m512 vs = _mm512_set1_ps(slope), vk = _mm512_set1_ps(scale), one = _mm512_set1_ps(1.f);
+template <typename T, bool kLanes>
+__attribute__((target("avx512f"))) void tanh_grad_span_avx512(const T* x, const T* g, const T* pass,
+                                                              const float* slope, const float* scale, T* out,
+                                                              int64_t count) {
+  const __m512 one = _mm512_set1_ps(1.f);
   int64_t i = 0;
   for (; i + 16 <= count; i += 16) {
+    const __m512 vs = kLanes ? load16(slope + i) : _mm512_set1_ps(*slope);
+    const __m512 vk = kLanes ? load16(scale + i) : _mm512_set1_ps(*scale);
     const __m512 v = load16(x + i);
     const __m512 u = Sleef_tanhf16_u35avx512f(_mm512_mul_ps(v, vs));
     const __m512 d = _mm512_mul_ps(load16(g + i), _mm512_sub_ps(vk, _mm512_mul_ps(_mm512_mul_ps(vk, u), u)));
@@ -335,16 +444,20 @@ __attribute__((target("avx512f"))) void tanh_grad_span_avx512(const T* x, const 
       store16(out + i, _mm512_maskz_add_ps(inside, load16(pass + i), d));
     }
   }
-  tanh_grad_span_scalar(x + i, g + i, pass == nullptr ? nullptr : pass + i, slope, scale, out + i, count - i);
+  tanh_grad_span_scalar<T, kLanes>(x + i, g + i, pass == nullptr ? nullptr : pass + i, kLanes ? slope + i : slope,
+                                   kLanes ? scale + i : scale, out + i, count - i);
 }
 
-template <typename T>
-__attribute__((target("avx2,fma"))) void tanh_grad_span_avx2(const T* x, const T* g, const T* pass, float slope,
-                                                             float scale, T* out, int64_t count) {
-  const __m256 vs = _mm256_set1_ps(slope), vk = _mm256_set1_ps(scale), one = _mm256_set1_ps(1.f);
+template <typename T, bool kLanes>
+__attribute__((target("avx2,fma"))) void tanh_grad_span_avx2(const T* x, const T* g, const T* pass,
+                                                             const float* slope, const float* scale, T* out,
+                                                             int64_t count) {
+  const __m256 one = _mm256_set1_ps(1.f);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
+    const __m256 vs = kLanes ? load8(slope + i) : _mm256_set1_ps(*slope);
+    const __m256 vk = kLanes ? load8(scale + i) : _mm256_set1_ps(*scale);
     const __m256 v = load8(x + i);
     const __m256 u = Sleef_tanhf8_u35avx2(_mm256_mul_ps(v, vs));
     const __m256 d = _mm256_mul_ps(load8(g + i), _mm256_sub_ps(vk, _mm256_mul_ps(_mm256_mul_ps(vk, u), u)));
@@ -355,21 +468,22 @@ __attribute__((target("avx2,fma"))) void tanh_grad_span_avx2(const T* x, const T
       store8(out + i, _mm256_and_ps(inside, _mm256_add_ps(load8(pass + i), d)));
     }
   }
-  tanh_grad_span_scalar(x + i, g + i, pass == nullptr ? nullptr : pass + i, slope, scale, out + i, count - i);
+  tanh_grad_span_scalar<T, kLanes>(x + i, g + i, pass == nullptr ? nullptr : pass + i, kLanes ? slope + i : slope,
+                                   kLanes ? scale + i : scale, out + i, count - i);
 }
 #endif
 
 template <typename T>
-using TanhSpan = void (*)(const T*, const T*, const T*, float, float, T*, int64_t);
+using TanhSpan = void (*)(const T*, const T*, const T*, const float*, const float*, T*, int64_t);
 
-template <typename T>
+template <typename T, bool kLanes>
 TanhSpan<T> select_tanh_span() {
 #if ZOO_X86
   const Isa isa = vector_isa();
-  if (isa == Isa::avx512) return tanh_grad_span_avx512<T>;
-  if (isa == Isa::avx2) return tanh_grad_span_avx2<T>;
+  if (isa == Isa::avx512) return tanh_grad_span_avx512<T, kLanes>;
+  if (isa == Isa::avx2) return tanh_grad_span_avx2<T, kLanes>;
 #endif
-  return tanh_grad_span_scalar<T>;
+  return tanh_grad_span_scalar<T, kLanes>;
 }
 
 // tanh_grad, or with ``pass`` defined the hardtanh_sign backward (see the top of the file)
@@ -382,15 +496,27 @@ at::Tensor tanh_grad_pass(const char* name, const at::Tensor& x, const at::Tenso
   if (pass.defined()) {
     check_same_dtype(x, pass, name);
     TORCH_CHECK(x.sizes() == pass.sizes(), name, ": x and the output gradient must have the same shape");
-    ps = pass.contiguous();
+    ps = pass.contiguous(layout_of(x));
   }
-  at::Tensor xs = x.contiguous(), gs = grad.contiguous();
+  at::Tensor xs = x.contiguous(layout_of(x)), gs = grad.contiguous(layout_of(x));
   at::Tensor sl = slope.to(at::kFloat).contiguous().view(-1), sc = scale.to(at::kFloat).contiguous().view(-1);
   const int64_t c = sl.numel();
   TORCH_CHECK(sc.numel() == c, name, ": slope and scale must have the same size");
   TORCH_CHECK(c == 1 || (x.dim() >= 2 && x.size(1) == c), name, ": per-channel slope needs x.size(1) == ", c);
-  const int64_t outer = c == 1 ? 1 : x.size(0);
-  const int64_t plane = c == 1 ? x.numel() : x.numel() / (x.size(0) * c);
+  const bool nhwc = c > 1 && layout_of(xs) == at::MemoryFormat::ChannelsLast;
+  // work items: chunks of the whole tensor for one slope; (sample, channel) planes of NCHW; for NHWC, chunks
+  // of whole rows, with the slopes and scales repeated along a chunk so that each element has its own
+  const int64_t chunk = c == 1 ? (1 << 14) : nhwc ? c * std::max<int64_t>(1, 1024 / c) : x.numel() / (x.size(0) * c);
+  const int64_t items = (x.numel() + chunk - 1) / chunk;
+  std::vector<float> slopes, scales;
+  if (nhwc) {
+    slopes.resize(chunk);
+    scales.resize(chunk);
+    for (int64_t i = 0; i < chunk; ++i) {
+      slopes[i] = sl.data_ptr<float>()[i % c];
+      scales[i] = sc.data_ptr<float>()[i % c];
+    }
+  }
   at::Tensor out = at::empty_like(xs);
   dispatch(xs, [&](auto tag) {
     using T = decltype(tag);
@@ -398,15 +524,14 @@ at::Tensor tanh_grad_pass(const char* name, const at::Tensor& x, const at::Tenso
     const T* pp = ps.defined() ? ps.data_ptr<T>() : nullptr;
     const float *slp = sl.data_ptr<float>(), *scp = sc.data_ptr<float>();
     T* op = out.data_ptr<T>();
-    const TanhSpan<T> span = select_tanh_span<T>();
-    // work items: (sample, channel) planes, or chunks of the whole tensor for one slope
-    const int64_t chunk = c == 1 ? (1 << 14) : plane;
-    const int64_t items = c == 1 ? (x.numel() + chunk - 1) / chunk : outer * c;
+    const TanhSpan<T> span = nhwc ? select_tanh_span<T, true>() : select_tanh_span<T, false>();
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t ch = c == 1 ? 0 : item % c;
+        const int64_t ch = c == 1 || nhwc ? 0 : item % c;
         const int64_t start = item * chunk, count = std::min(chunk, x.numel() - start);
-        span(xp + start, gp + start, pp == nullptr ? nullptr : pp + start, slp[ch], scp[ch], op + start, count);
+        const float* slope_at = nhwc ? slopes.data() : slp + ch;
+        const float* scale_at = nhwc ? scales.data() : scp + ch;
+        span(xp + start, gp + start, pp == nullptr ? nullptr : pp + start, slope_at, scale_at, op + start, count);
       }
     });
   });
@@ -476,13 +601,14 @@ at::Tensor imb_backward(const at::Tensor& grad, const at::Tensor& w_hat, const a
   const float *ssp = ss.data_ptr<float>(), *slp = sl.data_ptr<float>(), *scp = sc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const bool per_row = sl.numel() != 1;
-  const TanhSpan<float> span = select_tanh_span<float>();
+  const TanhSpan<float> span = select_tanh_span<float, false>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t c = per_row ? r : 0;
       const float* h = hp + r * n;
       float* o = op + r * n;
-      span(h, gp + r * n, nullptr, slp[c], ssp[r] * scp[c], o, n);  // the gradient of w_hat
+      const float scale_r = ssp[r] * scp[c];
+      span(h, gp + r * n, nullptr, slp + c, &scale_r, o, n);  // the gradient of w_hat
       double sum = 0.0, dot = 0.0;
       for (int64_t i = 0; i < n; ++i) {
         sum += o[i];

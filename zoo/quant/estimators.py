@@ -67,8 +67,9 @@ KERNEL_KINDS = ("eager", "compiled", "cpp")
 
 def _cpp_kernels() -> dict:
     """The fused C++ kernels (``zoo/csrc/sign.cpp``) where they apply (float32 or bfloat16 CPU tensors
-    of one dtype, NCHW per-channel statistics over dim 1; the statistics come back in float32; IMB's
-    float32 weights), the eager functions elsewhere (e.g. the sign of XNOR's per-output-channel weights)."""
+    of one dtype; per-channel statistics over dim 1 of 4-D NCHW or channels_last tensors, results in the
+    input's layout; the statistics come back in float32; IMB's float32 weights), the eager functions
+    elsewhere (e.g. the sign of XNOR's per-output-channel weights)."""
     from ..kernels import load
 
     ops = load("sign")
@@ -80,10 +81,10 @@ def _cpp_kernels() -> dict:
             and all(o.device == t.device and o.dtype == t.dtype for o in others)
         )
 
-    def nchw(x: Tensor, channel_dim: int) -> bool:  # per-channel statistics over dim 1 of NCHW x
+    def image_channels(x: Tensor, channel_dim: int) -> bool:  # statistics over dim 1 of NCHW or NHWC x
         return fits(x) and x.dim() == 4 and channel_dim == 1
 
-    def per_channel(x: Tensor, v: Tensor) -> bool:  # a scalar, or one value per channel of NCHW x
+    def per_channel(x: Tensor, v: Tensor) -> bool:  # a scalar, or one value per channel (dim 1) of 4-D x
         return v.dim() == 0 or (x.dim() == 4 and tuple(v.shape) == (1, x.shape[1], 1, 1))
 
     def sign(x: Tensor) -> Tensor:
@@ -100,12 +101,12 @@ def _cpp_kernels() -> dict:
         return _moments_std(x, dims, n)
 
     def sign_std(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
-        if nchw(x, channel_dim):
+        if image_channels(x, channel_dim):
             return ops.sign_and_std(x)
         return _sign_and_std(x, channel_dim)
 
     def hardtanh_sign_std(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-        if nchw(x, channel_dim):
+        if image_channels(x, channel_dim):
             return ops.hardtanh_sign_std(x)
         return _hardtanh_sign_std(x, channel_dim)
 
@@ -334,20 +335,37 @@ def hardtanh_sign(x: Tensor, estimator: TanhEstimator, channel_dim: int = 1) -> 
     return _HardtanhSignFunction.apply(x, estimator, channel_dim)
 
 
+def _channels_last(t: Tensor) -> bool:
+    """4-D and stored channels_last (and not also NCHW-contiguous, as 1x1 maps are)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 class _IMBSignFunction(torch.autograd.Function):
+    """The C++ IMB kernels on the weight's rows ``[out channels, fan-in]`` taken in its memory order
+    (the order within a row does not change its statistics), so that a channels_last weight gives a
+    channels_last quantized weight and gradient without a copy."""
+
     @staticmethod
     def forward(ctx, w: Tensor, estimator: TanhEstimator, ops) -> Tensor:
-        values, w_hat, std, scale, sigma = ops.imb_forward(w.reshape(w.shape[0], -1))
-        ctx.estimator, ctx.ops = estimator, ops
+        ctx.nhwc = _channels_last(w)
+        stored = w.permute(0, 2, 3, 1) if ctx.nhwc else w  # the dims in memory order
+        values, w_hat, std, scale, sigma = ops.imb_forward(stored.reshape(w.shape[0], -1))
+        ctx.estimator, ctx.ops, ctx.stored_shape = estimator, ops, stored.shape
         ctx.save_for_backward(w_hat, std, scale, sigma if estimator.needs_sigma else None)
-        return values.view(w.shape)
+        return _IMBSignFunction._unrows(ctx, values)
+
+    @staticmethod
+    def _unrows(ctx, rows: Tensor) -> Tensor:
+        stored = rows.view(ctx.stored_shape)
+        return stored.permute(0, 3, 1, 2) if ctx.nhwc else stored
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         w_hat, std, scale, sigma = ctx.saved_tensors
         slope, k_slope = ctx.estimator._slope_scale(w_hat, sigma)
-        grad_w = ctx.ops.imb_backward(grad.reshape(w_hat.shape), w_hat, std, scale, slope, k_slope)
-        return grad_w.view(grad.shape), None, None
+        stored = grad.permute(0, 2, 3, 1) if ctx.nhwc else grad
+        grad_w = ctx.ops.imb_backward(stored.reshape(w_hat.shape), w_hat, std, scale, slope, k_slope)
+        return _IMBSignFunction._unrows(ctx, grad_w), None, None
 
 
 def fused_imb(w: Tensor, estimator: Estimator) -> Tensor | None:
