@@ -1,8 +1,9 @@
 // Fused training kernels of the binary quantizers (sign with the EDE/DTE estimator, IMB weights),
 // each one pass over memory instead of the several passes of eager PyTorch:
 //   sign_values(x)                  = x >= 0 ? +1 : -1                       (sign(0) = +1)
-//   channel_std(x)                  = unbiased std per channel of NCHW x, clamped at 1e-8,
-//                                     from double-precision sums of x and x^2 (shape [1, C, 1, 1])
+//   channel_std(x)                  = unbiased std per channel (dim 1) of 4-D x, clamped at 1e-8, from sums
+//                                     of x and x^2 (float per plane or block of rows, totalled in double;
+//                                     shape [1, C, 1, 1])
 //   sign_and_std(x)                 = both, reading x once (the DTE forward)
 //   tanh_grad(x, slope, scale, g)   = g * scale_c * (1 - tanh(slope_c * x)^2)  (EDE/DTE backward)
 //   hardtanh_sign_std(p)            = out = clamp(p, -1, 1), sign(out) and channel_std(out), reading p once
