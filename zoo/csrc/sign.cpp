@@ -493,18 +493,19 @@ at::Tensor tanh_grad_pass(const char* name, const at::Tensor& x, const at::Tenso
   check_tensor(x, name);
   check_same_dtype(x, grad, name);
   TORCH_CHECK(x.sizes() == grad.sizes(), name, ": x and grad must have the same shape");
+  const at::MemoryFormat layout = layout_of(x);  // every input is read in x's layout
   at::Tensor ps;
   if (pass.defined()) {
     check_same_dtype(x, pass, name);
     TORCH_CHECK(x.sizes() == pass.sizes(), name, ": x and the output gradient must have the same shape");
-    ps = pass.contiguous(layout_of(x));
+    ps = pass.contiguous(layout);
   }
-  at::Tensor xs = x.contiguous(layout_of(x)), gs = grad.contiguous(layout_of(x));
+  at::Tensor xs = x.contiguous(layout), gs = grad.contiguous(layout);
   at::Tensor sl = slope.to(at::kFloat).contiguous().view(-1), sc = scale.to(at::kFloat).contiguous().view(-1);
   const int64_t c = sl.numel();
   TORCH_CHECK(sc.numel() == c, name, ": slope and scale must have the same size");
   TORCH_CHECK(c == 1 || (x.dim() >= 2 && x.size(1) == c), name, ": per-channel slope needs x.size(1) == ", c);
-  const bool nhwc = c > 1 && layout_of(xs) == at::MemoryFormat::ChannelsLast;
+  const bool nhwc = c > 1 && layout == at::MemoryFormat::ChannelsLast;
   // work items: chunks of the whole tensor for one slope; (sample, channel) planes of NCHW; for NHWC, chunks
   // of whole rows, with the slopes and scales repeated along a chunk so that each element has its own
   const int64_t chunk = c == 1 ? (1 << 14) : nhwc ? c * std::max<int64_t>(1, 1024 / c) : x.numel() / (x.size(0) * c);
