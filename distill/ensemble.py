@@ -15,7 +15,8 @@ class TeacherEnsemble(nn.Module):
     of the logits used here is, at every temperature ``T``, the normalised geometric mean of the
     members' softened probabilities, ``softmax(z/T) ∝ prod_k softmax(z_k/T)^(1/K)``, so one
     ensemble serves logit KD at any ``T``. The members must share their class count (checked here
-    for members that state ``num_classes``, as zoo models do, so the training step checks nothing).
+    for members that state ``num_classes``, as zoo models do, so the training step checks nothing), and
+    the ensemble states it too.
     """
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
@@ -26,6 +27,7 @@ class TeacherEnsemble(nn.Module):
         if len(classes) > 1:
             raise ValueError(f"the teachers have {classes} classes; an ensemble's teachers must share the classes")
         self.members = nn.ModuleList(members)
+        self.num_classes: int | None = classes[0] if classes else None  # as a zoo model states it
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.stack([member(x) for member in self.members]).mean(0)

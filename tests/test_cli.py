@@ -91,6 +91,39 @@ def test_zoo_eval_updates_a_card_and_reports_bad_names(tmp_path, tiny_zip, capsy
     assert "Did you mean resnet20_w1a1" in capsys.readouterr().err
 
 
+def test_zoo_eval_of_an_ensemble_on_the_validation_split(tmp_path, tiny_zip, capsys):
+    from zoo.data import DATASETS, load_split
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"resnet20_fp.seed{seed}.safetensors")
+        zoo.save_packed(zoo.create_model("resnet20_fp"), paths[-1], {"dataset": "cifar10"})
+    assert zoo_main(["eval", *map(str, paths), "--split", "val", "--val-size", "100", "--data", str(tiny_zip)]) == 0
+    out = capsys.readouterr().out
+    assert "validation split (100 train images held out, seed 0), 100 images" in out
+    top1, top5 = (float(line.split()[1]) for line in out.splitlines() if line.startswith(("top-1", "top-5")))
+
+    # independently: the first 100 of the seed-0 permutation of the training images, mean of the two logits
+    images, labels = load_split(tiny_zip, "train")
+    val = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:100]
+    mean, std = (torch.tensor(DATASETS["cifar10"][k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    x = (images[val].float() / 255 - mean) / std
+    with torch.no_grad():
+        logits = sum(zoo.load_packed(path).eval()(x) for path in paths) / 2
+    expected = logits.topk(5, 1).indices == labels[val].unsqueeze(1)
+    assert top1 == pytest.approx(100 * expected[:, 0].float().mean().item(), abs=0.005)
+    assert top5 == pytest.approx(100 * expected.any(1).float().mean().item(), abs=0.005)
+
+    # an ensemble has no card to update, and a validation split needs held-out images
+    assert zoo_main(["eval", *map(str, paths), "--data", str(tiny_zip), "--update-card"]) == 2
+    assert "needs one .safetensors path" in capsys.readouterr().err
+    assert zoo_main(["eval", *map(str, paths), "--data", str(tiny_zip), "--deploy"]) == 2
+    assert "pass one NAME" in capsys.readouterr().err
+    assert zoo_main(["eval", str(paths[0]), "--split", "val", "--val-size", "0", "--data", str(tiny_zip)]) == 2
+    assert "pass --val-size above 0" in capsys.readouterr().err
+
+
 def test_zoo_eval_without_data_explains(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(_published(tmp_path)))
     assert zoo_main(["eval", "resnet20_w1a1", "--data", str(tmp_path / "no-such-dir")]) == 2

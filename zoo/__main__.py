@@ -1,4 +1,4 @@
-"""``python -m zoo list | info NAME | eval NAME [--data PATH]``."""
+"""``python -m zoo list | info NAME | eval NAME [NAME ...] [--split val] [--data PATH]``."""
 
 from __future__ import annotations
 
@@ -205,29 +205,54 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_eval_model(names: list[str]):
+    """One model, or the ensemble of several (mean of their logits), with its card and card path."""
+    if len(names) == 1:
+        return _load_any(names[0])
+    from distill import TeacherEnsemble
+
+    loaded = [_load_any(name) for name in names]
+    members = [card.get("name", name) for name, (_, card, _) in zip(names, loaded, strict=True)]
+    ensemble = TeacherEnsemble([model for model, _, _ in loaded])  # checks that they share the classes
+    return ensemble.eval(), {"name": f"mean logits of {' + '.join(members)}"}, None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    model, card, card_path = _load_any(args.name)
+    one_file = len(args.names) == 1 and args.names[0].endswith(".safetensors")
+    if args.update_card and not (one_file and args.split == "test" and not args.limit and not args.deploy):
+        raise ValueError("--update-card needs one .safetensors path, the full test split, no --limit and no --deploy")
+    if args.deploy and len(args.names) > 1:
+        raise ValueError("--deploy evaluates one model; pass one NAME")
+    model, card, card_path = _load_eval_model(args.names)
     if args.deploy:
         from .xnor import deploy
 
         model = deploy(model)
         print(f"deployed   {model.deploy_info}")
     dataset = card.get("dataset_key", "cifar100" if model.num_classes == 100 else "cifar10")
-    images, labels = load_split(args.data, "test", dataset, download=args.download)
+    if args.split == "val":
+        if args.val_size <= 0:
+            raise ValueError("--split val needs a validation split: pass --val-size above 0 (as trained: 5000)")
+        images, labels = load_split(args.data, "train", dataset, download=args.download)
+        val_idx = train_val_split(len(labels), args.val_size, args.split_seed)[1]
+        images, labels = images[val_idx], labels[val_idx]
+        split_name = f"validation split ({args.val_size} train images held out, seed {args.split_seed})"
+        claim = "val_top1"
+    else:
+        images, labels = load_split(args.data, "test", dataset, download=args.download)
+        split_name, claim = "test split", "top1"
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
     info = DATASETS[dataset]
     result = evaluate(model, images, labels, info["mean"], info["std"], args.batch_size)
-    claim = card.get("top1")
-    print(f"model      {card.get('name', args.name)}")
-    print(f"data       {dataset} test split, {result['images']} images")
-    print(f"top-1      {result['top1']:.2f}   (card: {claim if claim is not None else '-'})")
+    print(f"model      {card.get('name', args.names[0])}")
+    print(f"data       {dataset} {split_name}, {result['images']} images")
+    claimed = card.get(claim)
+    print(f"top-1      {result['top1']:.2f}   (card: {claimed if claimed is not None else '-'})")
     print(f"top-5      {result['top5']:.2f}")
-    print(f"file size  {_size(card.get('file_bytes'))}   (float state_dict: {_size(card.get('float_bytes'))})")
+    if len(args.names) == 1:
+        print(f"file size  {_size(card.get('file_bytes'))}   (float state_dict: {_size(card.get('float_bytes'))})")
     if args.update_card:
-        if card_path is None or args.limit or args.deploy:
-            print("--update-card needs a .safetensors path, the full test split and no --deploy", file=sys.stderr)
-            return 2
         card.update(
             {
                 "top1": round(result["top1"], 2),
@@ -239,6 +264,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
         print(f"wrote top-1 into {card_path}")
     return 0
+
+
+def _add_val_split_args(p: argparse.ArgumentParser) -> None:
+    """The validation split the trainer carved from the training set (``zoo.data.train_val_split``)."""
+    p.add_argument("--val-size", type=int, default=5000, help="training images held out for validation (as trained)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the validation split (as trained)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,13 +288,22 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help="the model card of NAME")
     p.add_argument("name")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("eval", help="evaluate a zoo model (or a packed .safetensors file) on the test split")
-    p.add_argument("name", help="zoo name or path to a packed .safetensors checkpoint")
+    p = sub.add_parser(
+        "eval", help="evaluate a zoo model, a packed .safetensors file or an ensemble of them on the test split"
+    )
+    p.add_argument(
+        "names",
+        nargs="+",
+        metavar="NAME",
+        help="zoo name or path to a packed .safetensors checkpoint; several: the mean of their logits",
+    )
+    p.add_argument("--split", choices=["test", "val"], default="test", help="val: the trainer's validation split")
+    _add_val_split_args(p)
     p.add_argument(
         "--data", default=None, help="zip, folder or torchvision root (default: $ZOO_DATA, the usual places)"
     )
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR if none is found")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--update-card", action="store_true", help="write the measured top-1 into the file's card")
     p.add_argument("--deploy", action="store_true", help="evaluate zoo.deploy(model) (XNOR-popcount kernels)")
@@ -305,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="order of the images, crops and flips")
     p.add_argument("--no-augment", action="store_true", help="clean images instead of the training pad-4 crop + flip")
-    p.add_argument("--val-size", type=int, default=5000, help="training images held out for validation (as trained)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the validation split (as trained)")
+    _add_val_split_args(p)
     p.add_argument("--eval", action="store_true", help="print validation top-1 before and after (model selection)")
     p.set_defaults(func=cmd_reestimate_bn)
     args = parser.parse_args(argv)
