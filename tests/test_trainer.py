@@ -205,6 +205,7 @@ def test_teacher_ensemble_distils_toward_the_geometric_mean_of_its_members(float
     module = ZooClassifier(model="resnet20_w1a1", teacher=[str(float_teacher), str(second_path)], kd_weight=1.0)
     module.train()
     assert isinstance(module.teacher, TeacherEnsemble) and not module.teacher.training
+    assert module.teacher.num_classes == 10  # states its classes as a zoo model does (zoo eval reads it)
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32)
     members = [zoo.load_packed(float_teacher).eval(), second.eval()]
