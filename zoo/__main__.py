@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser(
-        "eval", help="evaluate a zoo model, a packed .safetensors file or an ensemble of them on the test split"
+        "eval", help="evaluate a zoo model, a packed .safetensors file or an ensemble (test or validation split)"
     )
     p.add_argument(
         "names",
