@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# Tests use tiny batches: one thread is as fast and never oversubscribes a busy machine
-# (subprocesses inherit the environment variable).
+# Tests use tiny batches: one thread is as fast and never oversubscribes a busy machine, while
+# pytest-xdist runs one worker per core (pyproject's addopts; subprocesses inherit the environment variable).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 

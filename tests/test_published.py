@@ -57,17 +57,24 @@ def test_published_checkpoint_loads_and_runs(name):
     assert logits.shape == (2, model.num_classes) and torch.isfinite(logits).all()
 
 
+# What an untagged name loads (its default) is checked on 1,000 test images, every other checkpoint on 250
+# (a quarter of the time). Three standard errors of a top-1 of 80-85% are 3.4-3.8 points on 1,000 images and
+# 6.8-7.6 on 250, while a broken load scores near 10%. These 250 images run easy: 4-6 points above the cards.
+DEFAULTS = {resolve_card(name.split(".")[0])["name"] for name in NAMES}
+
+
 @pytest.mark.skipif(not SHARED_ZIP.is_file(), reason=f"the shared CIFAR-10 zip is not at {SHARED_ZIP}")
 @pytest.mark.parametrize("name", NAMES)
 def test_published_accuracy_on_a_test_slice_matches_the_card(name):
     model = zoo.load(name)
     card = model.model_card
     images, labels = load_split(SHARED_ZIP, "test", "cifar10")
-    # a fixed, class-balanced-in-expectation slice of 1,000 images
-    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:1000]
+    size, tolerance = (1000, 3.5) if name in DEFAULTS else (250, 8.0)
+    # a fixed, class-balanced-in-expectation slice
+    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:size]
     info = DATASETS["cifar10"]
     top1 = evaluate(model, images[idx], labels[idx], info["mean"], info["std"])["top1"]
-    assert abs(top1 - card["top1"]) < 3.5, f"{name}: {top1:.2f} on 1,000 test images vs card {card['top1']}"
+    assert abs(top1 - card["top1"]) < tolerance, f"{name}: {top1:.2f} on {size:,} test images vs card {card['top1']}"
 
 
 # every CIFAR-10 name the zoo advertises has a pretrained checkpoint (the README's model table)
