@@ -190,6 +190,44 @@ def test_teacher_is_frozen_and_gets_no_gradient(float_teacher):
     assert module.model.layer1[0].conv1.weight.grad is not None
 
 
+def test_rbd_loss_matches_its_formula_and_keeps_channels_last_gradients():
+    """RBD: ``sum_l mean_batch ||F_s/||F_s|| - F_t/||F_t|| ||^2`` per sample over all its elements, and its
+    gradient ``2 (d - u (u.d)) / ||F_s||`` with ``u = F_s/||F_s||``, ``d = u - F_t/||F_t||``. The
+    gradient of a channels_last feature stays channels_last: an NCHW one slows every BatchNorm
+    backward below the hooked stage."""
+    from distill import rbd_loss
+
+    torch.manual_seed(0)
+    n = 3
+    student = [
+        torch.randn(n, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_(),
+        torch.randn(n, 6, dtype=torch.float64, requires_grad=True),
+    ]
+    teacher = [torch.randn(n, 4, 5, 5, dtype=torch.float64), torch.randn(n, 6, dtype=torch.float64)]
+    incoming = []  # the gradient as it reaches the layer below, before a leaf's .grad takes the leaf's layout
+    stage = student[0] * 1.0
+    stage.register_hook(incoming.append)
+    loss = rbd_loss([stage, student[1]], teacher)
+    expected = 0.0
+    for fs, ft in zip(student, teacher, strict=True):
+        for i in range(n):
+            u, v = fs[i].detach().flatten(), ft[i].flatten()
+            expected += float(((u / u.norm() - v / v.norm()) ** 2).sum()) / n
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    for fs, ft in zip(student, teacher, strict=True):
+        for i in range(n):
+            s, v = fs[i].detach().flatten(), ft[i].flatten()
+            u = s / s.norm()
+            d = u - v / v.norm()
+            grad = 2 * (d - u * (u @ d)) / s.norm() / n
+            assert torch.allclose(fs.grad[i].flatten(), grad, rtol=1e-10, atol=1e-12)
+    assert incoming[0].is_contiguous(memory_format=torch.channels_last)
+    assert rbd_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="equal shapes"):
+        rbd_loss([student[1]], [teacher[0]])
+
+
 def test_teacher_ensemble_distils_toward_the_geometric_mean_of_its_members(float_teacher, tmp_path):
     """A list of teachers is one frozen ensemble whose logits are the members' mean, which at
     temperature T is the normalised geometric mean of their softened probabilities."""
@@ -322,8 +360,8 @@ def test_init_from_a_per_tensor_model_gives_every_channel_its_step(tmp_path):
 
 
 def test_channels_last_changes_the_memory_layout_not_the_values(float_teacher, tmp_path):
-    """``channels_last`` stores student and teacher convolutions NHWC; logits, the KD loss, the
-    gradients and the packed file are those of the default layout (to float rounding)."""
+    """``channels_last`` stores student and teacher convolutions NHWC; logits, the KD and RBD losses,
+    the gradients and the packed file are those of the default layout (to float rounding)."""
     from safetensors.torch import load_file
 
     import zoo
@@ -331,7 +369,7 @@ def test_channels_last_changes_the_memory_layout_not_the_values(float_teacher, t
 
     def build(channels_last: bool) -> ZooClassifier:
         torch.manual_seed(0)
-        args = {"teacher": str(float_teacher), "kd_weight": 1.0, "kd_temperature": 4.0}
+        args = {"teacher": str(float_teacher), "kd_weight": 1.0, "kd_temperature": 4.0, "rbd_weight": 1.0}
         module = ZooClassifier(model="resnet20_fp", channels_last=channels_last, **args)
         module.setup("fit")
         return module
