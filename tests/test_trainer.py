@@ -746,6 +746,54 @@ def test_export_card_text_fields_reject_what_the_cli_parsed_as_a_mapping():
     assert ExportPacked("x.safetensors", card={"method": "A, first, b -> c"}).card["method"] == "A, first, b -> c"
 
 
+def test_cut_short_names_what_shortened_the_fit():
+    from types import SimpleNamespace
+
+    from trainers.callbacks import _cut_short
+
+    full = {"limit_train_batches": 1.0, "max_steps": -1, "global_step": 300, "current_epoch": 3, "max_epochs": 3}
+    assert _cut_short(SimpleNamespace(**full)) is None
+    assert _cut_short(SimpleNamespace(**{**full, "max_steps": 300})) is None  # the steps ran out with the epochs
+    assert _cut_short(SimpleNamespace(**{**full, "limit_train_batches": 60})) == "limit_train_batches=60"
+    assert _cut_short(SimpleNamespace(**{**full, "limit_train_batches": 0.5})) == "limit_train_batches=0.5"
+    probe = {**full, "max_steps": 150, "global_step": 150, "current_epoch": 1}
+    assert _cut_short(SimpleNamespace(**probe)) == "max_steps=150"
+
+
+def test_a_fit_cut_short_does_not_replace_a_published_checkpoint(tiny_zip, float_teacher, tmp_path):
+    import json
+
+    import zoo
+
+    published = tmp_path / "resnet20_fp.pub.safetensors"
+    zoo.save_packed(zoo.create_model("resnet20_fp"), published, {"top1": 91.0})  # a measured, published result
+    before = published.read_bytes()
+    out = _run_cli(
+        [
+            "fit",
+            "--model=trainers.ZooClassifier",
+            "--model.init_args.model=resnet20_fp",
+            f"--model.init_args.init_from={float_teacher}",
+            "--data=trainers.CIFARDataModule",
+            *_data_args(tiny_zip),
+            "--trainer.max_epochs=2",
+            "--trainer.max_steps=1",  # a probe of a preset
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger.init_args.save_dir=logs",
+            "--trainer.logger.init_args.version=probe",
+            "--trainer.callbacks+=trainers.ExportPacked",
+            f"--trainer.callbacks.path={published}",
+        ],
+        cwd=tmp_path,
+    )
+    assert published.read_bytes() == before
+    assert json.loads(published.with_suffix(".json").read_text())["top1"] == 91.0
+    probe = tmp_path / "logs" / "lightning_logs" / "probe" / published.name
+    assert "top1" not in json.loads(probe.with_suffix(".json").read_text())  # the probe's own, unmeasured export
+    zoo.load_packed(probe)  # its sha256 matches its card
+    assert "cut short (max_steps=1)" in out.stderr
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_trains_and_syncs_metrics(tiny_zip, float_teacher, tmp_path):
     common = [

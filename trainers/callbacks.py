@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -139,6 +140,23 @@ def hardware_description() -> str:
     return f"{machine}{f' ({model})' if model else ''}, {os.cpu_count()} cores, {device}"
 
 
+def _cut_short(trainer: pl.Trainer) -> str | None:
+    """Why this fit trained less than its epochs (a probe, not a run of its recipe), or None."""
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int) or limit < 1.0:
+        return f"limit_train_batches={limit}"
+    stopped_by_steps = 0 <= trainer.max_steps <= trainer.global_step
+    if stopped_by_steps and trainer.current_epoch < trainer.max_epochs:
+        return f"max_steps={trainer.max_steps}"
+    return None
+
+
+def _has_test_top1(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint whose card holds a measured test top-1 (a published result)."""
+    card = path.with_suffix(".json")
+    return path.is_file() and card.is_file() and json.loads(card.read_text()).get("top1") is not None
+
+
 class ExportPacked(pl.Callback):
     """At the end of ``fit``, export the best validation checkpoint as a packed zoo file + card.
 
@@ -149,6 +167,10 @@ class ExportPacked(pl.Callback):
     under ``$ZOO_EXPORT_DIR`` when set (table reproduction exports there, not
     over the published checkpoints). ``real_dtype`` is :func:`zoo.save_packed`'s
     (default: float16 for quantized models, float32 for float ones).
+
+    A fit cut short (``limit_train_batches`` or ``max_steps``, e.g. a quick probe
+    of a preset) never replaces a checkpoint whose card holds a measured test
+    top-1: it exports into its log directory instead, with a warning.
     """
 
     def __init__(self, path: str, card: dict[str, Any] | None = None, real_dtype: str | None = None) -> None:
@@ -225,7 +247,14 @@ class ExportPacked(pl.Callback):
         if skipped:  # e.g. torchvision models: their Lightning checkpoint is the result
             rank_zero_warn(f"ExportPacked: {skipped} are not zoo models (no zoo_config); not exported")
             models = {role: m for role, m in models.items() if getattr(m, "zoo_config", None) is not None}
+        cut_short = _cut_short(trainer)
         for role, path in self.paths(models).items():
+            if cut_short and _has_test_top1(path):
+                published, path = path, Path(trainer.log_dir or ".") / path.name
+                rank_zero_warn(
+                    f"ExportPacked: this fit was cut short ({cut_short}), so it does not replace {published}, "
+                    f"whose card holds a measured test top-1; exported to {path} instead"
+                )
             role_card = {**card, "role": role} if role else dict(card)
             stem, base = path.name.removesuffix(".safetensors"), models[role].zoo_config["name"]
             if stem.startswith(base + "."):  # <name>.<tag>.safetensors: the card is the tagged name
