@@ -737,11 +737,26 @@ def test_cards_name_the_cpu_model_where_linux_reports_it():
     assert cpu_model_name("processor\t: 0\nBogoMIPS\t: 48.00\nCPU implementer\t: 0x41\n") is None  # many ARM boards
 
 
-def test_export_card_text_fields_reject_what_the_cli_parsed_as_a_mapping():
+def test_export_card_text_with_a_colon_stays_text_through_the_config_parser():
+    # typed dict[str, Any], jsonargparse read card: {method: "A, first: b"} as {"method": {"A, first": "b"}}
+    import lightning.pytorch as pl
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[pl.Callback])
+    cfg = parser.parse_string(
+        "callbacks:\n"
+        "  - class_path: trainers.ExportPacked\n"
+        '    init_args: {path: x.safetensors, card: {method: "A, first: b -> c", paper_top1: 91}}\n'
+    )
+    (callback,) = parser.instantiate_classes(cfg).callbacks
+    assert callback.card == {"method": "A, first: b -> c", "paper_top1": 91}
+
+
+def test_export_card_text_fields_must_be_text():
     from trainers import ExportPacked
 
-    # jsonargparse reads card: {method: "A, first: b"} as {"method": {"A, first": "b"}}
-    with pytest.raises(ValueError, match=r"\['method'\] must be text.*avoid ': '"):
+    with pytest.raises(ValueError, match=r"\['method'\] must be text.*one string"):
         ExportPacked("x.safetensors", card={"method": {"A, first": "b -> c"}})
     assert ExportPacked("x.safetensors", card={"method": "A, first, b -> c"}).card["method"] == "A, first, b -> c"
 

@@ -173,15 +173,18 @@ class ExportPacked(pl.Callback):
     top-1: it exports into its log directory instead, with a warning.
     """
 
-    def __init__(self, path: str, card: dict[str, Any] | None = None, real_dtype: str | None = None) -> None:
+    def __init__(
+        self, path: str, card: dict[str, str | float | bool | None] | None = None, real_dtype: str | None = None
+    ) -> None:
+        # card's value type keeps the CLI from re-parsing a text holding ": " as a mapping (it does for Any)
         export_dir = os.environ.get("ZOO_EXPORT_DIR")
         self.path = str(Path(export_dir) / Path(path).name) if export_dir and not Path(path).is_absolute() else path
         self.card = dict(card or {})
         not_text = [key for key in ("method", "paper_source", "notes") if not isinstance(self.card.get(key, ""), str)]
-        if not_text:  # the CLI re-parses a string holding ": " as a mapping, quoted or not
+        if not_text:
             raise ValueError(
                 f"ExportPacked card fields {not_text} must be text, got {[self.card[k] for k in not_text]}; "
-                "avoid ': ' inside them (the config parser reads it as a mapping)"
+                "pass each as one string"
             )
         self.real_dtype = real_dtype
         self.wall_seconds = 0.0
