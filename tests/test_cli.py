@@ -124,6 +124,48 @@ def test_zoo_eval_of_an_ensemble_on_the_validation_split(tmp_path, tiny_zip, cap
     assert "pass --val-size above 0" in capsys.readouterr().err
 
 
+def test_exact_mcnemar_p_matches_the_binomial_test():
+    from zoo.data import exact_mcnemar_p
+
+    assert exact_mcnemar_p(0, 5) == pytest.approx(2 / 2**5)  # all 5 disagreements one way: 2 * (1/2)^5
+    assert exact_mcnemar_p(1, 1) == 1.0 and exact_mcnemar_p(0, 0) == 1.0  # no evidence either way
+    assert exact_mcnemar_p(155, 126) == exact_mcnemar_p(126, 155)
+    stats = pytest.importorskip("scipy.stats")
+    for only_a, only_b in ((155, 126), (3, 17), (40, 41)):
+        expected = stats.binomtest(only_a, only_a + only_b, 0.5).pvalue
+        assert exact_mcnemar_p(only_a, only_b) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match=">= 0"):
+        exact_mcnemar_p(-1, 3)
+
+
+def test_zoo_compare_counts_the_images_only_one_model_gets_right(tmp_path, tiny_zip, capsys):
+    from zoo.data import exact_mcnemar_p, load_split
+
+    paths = []
+    for cls in (0, 1):  # a model that always answers `cls`: right exactly on the images of that class
+        model = zoo.create_model("resnet20_fp")
+        with torch.no_grad():
+            model.fc.weight.zero_()
+            model.fc.bias.copy_(10.0 * torch.nn.functional.one_hot(torch.tensor(cls), 10))
+        paths.append(tmp_path / f"resnet20_fp.always{cls}.safetensors")
+        zoo.save_packed(model, paths[-1], {"dataset": "cifar10"})
+    labels = load_split(tiny_zip, "test")[1][:7]
+    only_a, only_b = int((labels == 0).sum()), int((labels == 1).sum())
+    assert only_a != only_b > 0  # the slice tells A from B
+
+    assert zoo_main(["compare", *map(str, paths), "--data", str(tiny_zip), "--limit", "7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def field(prefix: str) -> str:
+        return next(line for line in lines if line.startswith(prefix)).removeprefix(prefix).strip()
+
+    assert field("data") == "cifar10 test split, 7 images"
+    assert field("disagree") == f"{only_a + only_b} images: A alone right on {only_a}, B alone right on {only_b}"
+    assert float(field("A top-1").split()[0]) == pytest.approx(100 * only_a / 7, abs=0.005)
+    assert float(field("B top-1").split()[0]) == pytest.approx(100 * only_b / 7, abs=0.005)
+    assert float(field("p ").split()[0]) == pytest.approx(exact_mcnemar_p(only_a, only_b), rel=5e-3)
+
+
 def test_zoo_eval_without_data_explains(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(_published(tmp_path)))
     assert zoo_main(["eval", "resnet20_w1a1", "--data", str(tmp_path / "no-such-dir")]) == 2

@@ -1,4 +1,4 @@
-"""``python -m zoo list | info NAME | eval NAME [NAME ...] [--split val] [--data PATH]``."""
+"""``python -m zoo list | info NAME | eval NAME [NAME ...] [--split val] [--data PATH] | compare A B``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 
 from . import list_models, load, model_card
-from .data import DATASETS, evaluate, find_dataset, load_split, train_val_split, training_batches
+from .data import (
+    DATASETS,
+    evaluate,
+    exact_mcnemar_p,
+    find_dataset,
+    load_split,
+    top5_hits,
+    train_val_split,
+    training_batches,
+)
 from .markdown import write_block
 from .packing import _atomic_write, load_packed
 from .registry import _cards, default_checkpoints, parse_name
@@ -217,6 +226,49 @@ def _load_eval_model(names: list[str]):
     return ensemble.eval(), {"name": f"mean logits of {' + '.join(members)}"}, None
 
 
+def _dataset_of(model, card: dict) -> str:
+    return card.get("dataset_key", "cifar100" if model.num_classes == 100 else "cifar10")
+
+
+def _eval_split(args: argparse.Namespace, dataset: str):
+    """The images, labels and description of ``--split`` (test, or the trainer's validation split)."""
+    if args.split == "val":
+        if args.val_size <= 0:
+            raise ValueError("--split val needs a validation split: pass --val-size above 0 (as trained: 5000)")
+        images, labels = load_split(args.data, "train", dataset, download=args.download)
+        val_idx = train_val_split(len(labels), args.val_size, args.split_seed)[1]
+        images, labels = images[val_idx], labels[val_idx]
+        split_name = f"validation split ({args.val_size} train images held out, seed {args.split_seed})"
+    else:
+        images, labels = load_split(args.data, "test", dataset, download=args.download)
+        split_name = "test split"
+    if args.limit:
+        images, labels = images[: args.limit], labels[: args.limit]
+    return images, labels, split_name
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Top-1 of two models on the same images, the images only one gets right, and the exact McNemar p."""
+    (model_a, card_a, _), (model_b, card_b, _) = _load_any(args.a), _load_any(args.b)
+    dataset = _dataset_of(model_a, card_a)
+    if _dataset_of(model_b, card_b) != dataset:
+        raise ValueError(f"{args.a} is a {dataset} model and {args.b} a {_dataset_of(model_b, card_b)} one")
+    images, labels, split_name = _eval_split(args, dataset)
+    info = DATASETS[dataset]
+    right_a, right_b = (
+        top5_hits(model, images, labels, info["mean"], info["std"], args.batch_size)[:, 0]
+        for model in (model_a, model_b)
+    )
+    only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+    n = max(len(labels), 1)
+    print(f"data       {dataset} {split_name}, {len(labels)} images")
+    for label, name, card, right in (("A", args.a, card_a, right_a), ("B", args.b, card_b, right_b)):
+        print(f"{label} top-1    {100 * right.sum().item() / n:.2f}   {card.get('name', name)}")
+    print(f"disagree   {only_a + only_b} images: A alone right on {only_a}, B alone right on {only_b}")
+    print(f"p          {exact_mcnemar_p(only_a, only_b):.3g}   (exact two-sided McNemar test of equal accuracy)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     one_file = len(args.names) == 1 and args.names[0].endswith(".safetensors")
     if args.update_card and not (one_file and args.split == "test" and not args.limit and not args.deploy):
@@ -229,20 +281,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         model = deploy(model)
         print(f"deployed   {model.deploy_info}")
-    dataset = card.get("dataset_key", "cifar100" if model.num_classes == 100 else "cifar10")
-    if args.split == "val":
-        if args.val_size <= 0:
-            raise ValueError("--split val needs a validation split: pass --val-size above 0 (as trained: 5000)")
-        images, labels = load_split(args.data, "train", dataset, download=args.download)
-        val_idx = train_val_split(len(labels), args.val_size, args.split_seed)[1]
-        images, labels = images[val_idx], labels[val_idx]
-        split_name = f"validation split ({args.val_size} train images held out, seed {args.split_seed})"
-        claim = "val_top1"
-    else:
-        images, labels = load_split(args.data, "test", dataset, download=args.download)
-        split_name, claim = "test split", "top1"
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
+    dataset = _dataset_of(model, card)
+    images, labels, split_name = _eval_split(args, dataset)
+    claim = "val_top1" if args.split == "val" else "top1"
     info = DATASETS[dataset]
     result = evaluate(model, images, labels, info["mean"], info["std"], args.batch_size)
     print(f"model      {card.get('name', args.names[0])}")
@@ -308,6 +349,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--update-card", action="store_true", help="write the measured top-1 into the file's card")
     p.add_argument("--deploy", action="store_true", help="evaluate zoo.deploy(model) (XNOR-popcount kernels)")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser(
+        "compare", help="two models on the same images: top-1 each, the images only one gets right, exact McNemar p"
+    )
+    p.add_argument("a", metavar="A", help="zoo name or packed .safetensors checkpoint")
+    p.add_argument("b", metavar="B", help="zoo name or packed .safetensors checkpoint")
+    p.add_argument("--split", choices=["test", "val"], default="test", help="val: the trainer's validation split")
+    _add_val_split_args(p)
+    p.add_argument("--data", default=None, help="as for eval")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR if none is found")
+    p.add_argument("--limit", type=int, default=None, help="compare on the first N images of the split only")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("export", help="export a zoo model (fake-quantized) to ONNX, checked with onnxruntime")
     p.add_argument("name", help="zoo name or packed .safetensors file")
     p.add_argument("--format", choices=["onnx"], default="onnx")

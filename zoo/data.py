@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import zipfile
 from collections.abc import Iterator
@@ -252,7 +253,6 @@ def training_batches(
         yield normalize(random_crop_flip(batch, generator=crops) if augment else batch, mean, std)
 
 
-@torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     images: Tensor,
@@ -262,13 +262,45 @@ def evaluate(
     batch_size: int = 500,
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) of ``model`` on uint8 images."""
+    hits = top5_hits(model, images, labels, mean, std, batch_size)
+    n = max(len(images), 1)
+    return {
+        "top1": 100.0 * hits[:, 0].sum().item() / n,
+        "top5": 100.0 * hits.any(1).sum().item() / n,
+        "images": len(images),
+    }
+
+
+@torch.no_grad()
+def top5_hits(
+    model: torch.nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 500,
+) -> Tensor:
+    """Per image, whether each of the 5 highest logits is the label: bool ``(N, min(5, classes))``.
+
+    Column 0 is top-1 correctness, which paired comparisons of two models need image by image.
+    """
     model.eval()
-    correct1 = correct5 = 0
+    hits = []
     for i in range(0, len(images), batch_size):
         logits = model(normalize(images[i : i + batch_size], mean, std))
-        target = labels[i : i + batch_size]
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == target).sum().item()
-        correct5 += (top == target[:, None]).any(1).sum().item()
-    n = max(len(images), 1)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "images": len(images)}
+        hits.append(top == labels[i : i + batch_size, None])
+    return torch.cat(hits) if hits else torch.zeros(0, 5, dtype=torch.bool)
+
+
+def exact_mcnemar_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value for two classifiers scored on the same images.
+
+    Only the images exactly one of them gets right count: under "equally accurate" each of those
+    ``n = only_a + only_b`` goes either way with probability 1/2, so
+    ``p = min(1, 2 * sum_{i <= min(only_a, only_b)} C(n, i) / 2^n)`` (McNemar 1947, exact binomial form).
+    """
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"counts of images must be >= 0, got {only_a} and {only_b}")
+    n, k = only_a + only_b, min(only_a, only_b)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
