@@ -313,6 +313,18 @@ def _add_val_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the validation split (as trained)")
 
 
+def _add_eval_split_args(p: argparse.ArgumentParser) -> None:
+    """Which images ``eval`` and ``compare`` score (``_eval_split``) and in what batches."""
+    p.add_argument("--split", choices=["test", "val"], default="test", help="val: the trainer's validation split")
+    _add_val_split_args(p)
+    p.add_argument(
+        "--data", default=None, help="zip, folder or torchvision root (default: $ZOO_DATA, the usual places)"
+    )
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR if none is found")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
+    p.add_argument("--batch-size", type=int, default=500)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -338,14 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="zoo name or path to a packed .safetensors checkpoint; several: the mean of their logits",
     )
-    p.add_argument("--split", choices=["test", "val"], default="test", help="val: the trainer's validation split")
-    _add_val_split_args(p)
-    p.add_argument(
-        "--data", default=None, help="zip, folder or torchvision root (default: $ZOO_DATA, the usual places)"
-    )
-    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR if none is found")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
-    p.add_argument("--batch-size", type=int, default=500)
+    _add_eval_split_args(p)
     p.add_argument("--update-card", action="store_true", help="write the measured top-1 into the file's card")
     p.add_argument("--deploy", action="store_true", help="evaluate zoo.deploy(model) (XNOR-popcount kernels)")
     p.set_defaults(func=cmd_eval)
@@ -354,12 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("a", metavar="A", help="zoo name or packed .safetensors checkpoint")
     p.add_argument("b", metavar="B", help="zoo name or packed .safetensors checkpoint")
-    p.add_argument("--split", choices=["test", "val"], default="test", help="val: the trainer's validation split")
-    _add_val_split_args(p)
-    p.add_argument("--data", default=None, help="as for eval")
-    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR if none is found")
-    p.add_argument("--limit", type=int, default=None, help="compare on the first N images of the split only")
-    p.add_argument("--batch-size", type=int, default=500)
+    _add_eval_split_args(p)
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("export", help="export a zoo model (fake-quantized) to ONNX, checked with onnxruntime")
     p.add_argument("name", help="zoo name or packed .safetensors file")
