@@ -191,6 +191,9 @@ def test_reproduce_smoke_row_and_from_zoo(tmp_path, tiny_zip, float_teacher):
     assert (out / "dirnet-cifar10" / "resnet20_w1a1_dirnet" / "smoke-tiny" / "fit.log").is_file()
     table = (out / "dirnet-cifar10" / "dirnet-cifar10-smoke-tiny.md").read_text()
     assert "| ResNet-20 W1A1 | resnet20_w1a1 | 86.5 |" in table and "top-1 after BN re-est." in table
+    # the note says what this run measured on, not the published tables' 10,000 images
+    assert "test top-1 on 40 images of the test split (JPEG files of cifar10 from tiny-cifar.zip (zip)) on " in table
+    assert "val top-1 (model selection) on the trainer's validation split (40 train images held out (seed 0))." in table
     assert not list((REPO / "checkpoints").glob("*smoke*"))  # exports went to the run directory
 
     env = {"ZOO_CHECKPOINT_DIR": str(_published(tmp_path / "ckpts"))}

@@ -26,8 +26,10 @@ from typing import Any
 import yaml
 
 import zoo
-from zoo.data import DATASETS, evaluate, load_split, training_batches
+from zoo.data import DATASETS, evaluate, find_dataset, load_split, training_batches
 from zoo.markdown import write_block
+
+from .callbacks import hardware_description
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -135,12 +137,19 @@ def _dataset(model) -> str:
     return "cifar100" if model.num_classes == 100 else "cifar10"
 
 
-def _test_top1(model, data: str | None, limit: int | None) -> float:
-    images, labels = load_split(data, "test", _dataset(model))
+def _test_top1(model, data: str | None, limit: int | None) -> dict[str, Any]:
+    """Test top-1 and what it was measured on: how many images of which copy of the data, on which machine."""
+    dataset = _dataset(model)
+    images, labels = load_split(data, "test", dataset)
     if limit:
         images, labels = images[:limit], labels[:limit]
-    info = DATASETS[_dataset(model)]
-    return evaluate(model, images, labels, info["mean"], info["std"])["top1"]
+    info = DATASETS[dataset]
+    return {
+        "top1": evaluate(model, images, labels, info["mean"], info["std"])["top1"],
+        "test_images": len(labels),
+        "test_data": find_dataset(data, dataset).describe(dataset),
+        "hardware": hardware_description(),
+    }
 
 
 def _reestimate_bn(model, data: str | None, num_batches: int = 50, batch_size: int = 128) -> None:
@@ -163,10 +172,11 @@ def _last_logged(metrics: Path, key: str) -> float | None:
 def measure(model, card: dict[str, Any], data: str | None, limit: int | None, bn_reest: bool) -> dict[str, Any]:
     """Test top-1 of a loaded checkpoint (and after BN re-estimation), its card's val top-1 and epochs."""
     epochs = card.get("epochs_total", card.get("epochs"))  # a warm restart counts its earlier run too
-    result = {"top1": _test_top1(model, data, limit), "val_top1": card.get("val_top1"), "epochs": epochs}
+    result = {**_test_top1(model, data, limit), "val_top1": card.get("val_top1"), "epochs": epochs}
+    result["val_split"] = card.get("val_split")
     if bn_reest:
         _reestimate_bn(model, data)
-        result["top1_bn_reest"] = _test_top1(model, data, limit)
+        result["top1_bn_reest"] = _test_top1(model, data, limit)["top1"]
     return result
 
 
@@ -246,6 +256,21 @@ def markdown(table: str, budget: str, results: list[dict[str, Any]], note: str =
     return "\n".join(lines)
 
 
+def measured_on(results: list[dict[str, Any]]) -> str:
+    """What a table's numbers were measured on, from what its rows recorded (results files written before
+    rows recorded it say less rather than guess)."""
+
+    def values(key: str) -> list[str]:
+        return sorted({str(r[key]) for r in results if r.get(key)})
+
+    images = sorted({r["test_images"] for r in results if r.get("test_images")})
+    test = f"{' or '.join(f'{n:,}' for n in images)} images of the test split" if images else "the test split"
+    data = f" ({'; '.join(values('test_data'))})" if values("test_data") else ""
+    where = f" on {'; '.join(values('hardware'))}" if values("hardware") else ""
+    val = f" ({'; '.join(values('val_split'))})" if values("val_split") else ""
+    return f"test top-1 on {test}{data}{where}; val top-1 (model selection) on the trainer's validation split{val}"
+
+
 def run_table(args: argparse.Namespace, out: Path, extra: list[str]) -> list[dict[str, Any]]:
     """Every selected row: trained (or, with ``--from-zoo``, loaded) and measured."""
     results = []
@@ -308,9 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = f" + `{' '.join(extra)}`" if extra else ""
     how = "published checkpoints" if args.from_zoo else f"`{args.budget}` presets{overrides}"
     note = (
-        f"Measured on this machine (2 CPU cores) by `python -m trainers reproduce {args.table}` ({how}): test top-1 "
-        "on the 10,000 test images of the JPEG CIFAR-10 copy; val top-1 (model selection) on the 5,000-image "
-        "validation split. Paper numbers are full-budget results."
+        f"Measured by `python -m trainers reproduce {args.table}` ({how}): {measured_on(results)}. "
+        "Paper numbers are full-budget results."
     )
     text = markdown(args.table, budget, results, note)
     for path in args.write:
