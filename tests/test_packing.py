@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import os
 import stat
@@ -92,17 +94,22 @@ def test_float16_real_parts_round_parameters_and_keep_statistics(tmp_path):
         save_packed(model, tmp_path / "m.safetensors", real_dtype="int8")
 
 
-def test_resaving_a_loaded_checkpoint_keeps_its_codes_and_scales(tmp_path):
-    """A loaded IMB layer re-packs to what it was decoded from: re-encoding the decoded weight
-    (+-0.125) would re-standardize it and come back with scale 1."""
-    torch.manual_seed(0)
-    model = zoo.create_model("resnet20_w1a32")
-    with torch.no_grad():  # a heavy-tailed channel: mean |w_hat| = 0.12, so its IMB scale is 2**-3
+def heavy_tailed_imb_channel(model: torch.nn.Module) -> torch.nn.Module:
+    """Give channel 0 of ``layer1.0.conv1`` a heavy tail: mean |w_hat| = 0.12, so its IMB scale is 2**-3,
+    while re-encoding its decoded weight (+-0.125) would re-standardize it and come back with scale 1."""
+    with torch.no_grad():
         w = model.layer1[0].conv1.weight
         w[0] = torch.randn_like(w[0]) * 1e-3
         w[0, 0, 0, :2] = torch.tensor([1.0, -1.0])
         w_hat = (w[0] - w[0].mean()) / w[0].std()
         assert 0.09 < w_hat.abs().mean() < 0.17
+    return model
+
+
+def test_resaving_a_loaded_checkpoint_keeps_its_codes_and_scales(tmp_path):
+    """A loaded IMB layer re-packs to what it was decoded from."""
+    torch.manual_seed(0)
+    model = heavy_tailed_imb_channel(zoo.create_model("resnet20_w1a32"))
     model.eval()
     first = tmp_path / "first.safetensors"
     save_packed(model, first, real_dtype="float32")
@@ -117,6 +124,25 @@ def test_resaving_a_loaded_checkpoint_keeps_its_codes_and_scales(tmp_path):
 
     blobs, again = load_file(first), load_file(second)  # (header order may differ: safetensors hashes it)
     assert blobs.keys() == again.keys() and all(torch.equal(blobs[k], again[k]) for k in blobs)
+
+
+def test_copies_of_a_loaded_checkpoint_keep_its_logits(tmp_path):
+    """``copy.deepcopy`` and pickling give the weight a new tensor; the copy must still return the decoded
+    weight (scale 2**-3), not re-quantize it (scale 1), until that weight is modified."""
+    torch.manual_seed(0)
+    model = heavy_tailed_imb_channel(zoo.create_model("resnet20_w1a1")).eval()
+    save_packed(model, tmp_path / "m.safetensors", real_dtype="float32")
+    loaded = load_packed(tmp_path / "m.safetensors")
+    pickled = io.BytesIO()
+    torch.save(loaded, pickled)
+    pickled.seek(0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(copy.deepcopy(loaded)(x), expected)
+        assert torch.equal(torch.load(pickled, weights_only=False)(x), expected)
+        loaded.layer1[0].conv1.weight.add_(0.0)  # an in-place change: from now on the weight is quantized again
+        assert not torch.equal(copy.deepcopy(loaded)(x), expected)
 
 
 def test_zoo_packed_1_files_still_load(tmp_path):

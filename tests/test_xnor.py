@@ -17,6 +17,7 @@ from zoo.quant.binary import IMBWeight, RSign, Sign, XNORWeight
 from zoo.xnor import BinaryConv2d, BinaryLinear, available_isas, deploy, kernels_available, pack_weight_bits
 
 from .conftest import SHARED_ZIP
+from .test_packing import heavy_tailed_imb_channel
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="the XNOR kernels need a C++ compiler")
 
@@ -144,6 +145,19 @@ def test_deployed_predictions_on_real_test_images():
         expected, out = model(x), deployed(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     assert torch.equal(out.argmax(1), expected.argmax(1))
+
+
+@pytest.mark.parametrize("name", ["resnet20_w1a1", "resnet20_w1a32"])
+def test_deploying_a_loaded_checkpoint_keeps_its_weight_scales(tmp_path, name):
+    """Deployment packs the codes and scales the file holds: re-encoding the decoded IMB weight would give
+    the heavy-tailed channel scale 1 instead of 2**-3 (published W1A1 models lost 10 points that way)."""
+    torch.manual_seed(0)
+    model = _randomize_bn(heavy_tailed_imb_channel(zoo.create_model(name)))
+    zoo.save_packed(model, tmp_path / "m.safetensors", real_dtype="float32")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected, out = model(x), deploy(zoo.load_packed(tmp_path / "m.safetensors"))(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 def test_without_a_compiler_deploy_warns_and_keeps_the_float_path(monkeypatch):

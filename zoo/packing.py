@@ -125,7 +125,7 @@ def _entries(model: nn.Module) -> tuple[list[tuple[str, Tensor, str]], dict[str,
             entries.append((key, value, "real" if real else str(value.dtype).removeprefix("torch.")))
             continue
         quantizer = layer.weight_quantizer
-        codes, params = quantizer.pinned_encoding(value) or quantizer.encode(value)
+        codes, params = quantizer.exact_encoding(value)
         entries.append((f"{key}.codes", codes, "codes"))
         entries += [(f"{key}.{p}", params[p].detach(), "real") for p in sorted(params)]
         layout[key] = {"bits": layer.weight_bits, "shape": list(codes.shape), "params": sorted(params)}

@@ -151,6 +151,25 @@ class WeightQuantizer(Quantizer):
         same = w.data_ptr() == pinned.data_ptr() and w.shape == pinned.shape and w._version == version
         return (codes, params) if same else None
 
+    def exact_encoding(self, w: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Codes and parameters that decode to what this quantizer returns for ``w`` in eval mode: the
+        pinned ones for the pinned weight, else :meth:`encode` (packing and XNOR deployment use this)."""
+        return self.pinned_encoding(w) or self.encode(w.detach())
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        if self._pinned is not None and self._pinned[0]._version != self._pinned[1]:
+            state["_pinned"] = None  # the weight changed since it was decoded: nothing to carry over
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy (``copy.deepcopy``, pickle) stays pinned to the copy of its weight: that tensor is new,
+        with a version counter of its own, so the pin takes its version now."""
+        super().__setstate__(state)
+        if self._pinned is not None:
+            weight, _, codes, params = self._pinned
+            self._pinned = (weight, weight._version, codes, params)
+
     def forward(self, w: Tensor) -> Tensor:
         if self._pinned is not None:
             pinned, version = self._pinned[:2]

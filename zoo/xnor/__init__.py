@@ -91,7 +91,7 @@ class _XnorLayer(nn.Module):
 
     def __init__(self, layer: QConv2d | QLinear, bn: _BatchNorm | None, isa: str, weight_4d: Tensor) -> None:
         super().__init__()
-        codes, params = layer.weight_quantizer.encode(layer.weight.detach())
+        codes, params = layer.weight_quantizer.exact_encoding(layer.weight)
         bits, corr = pack_weight_bits((codes.float() * 2 - 1).view_as(weight_4d))
         scale, bias = _fold(params["scale"], layer.bias, bn)
         self.isa, self._isa = isa, isa_code(isa)
@@ -211,7 +211,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _float_binary_conv(layer: QConv2d, bn: _BatchNorm | None) -> nn.Conv2d:
     """A W1A32 conv as a float conv with ``+-1`` weights and scale, bias and BN folded."""
-    codes, params = layer.weight_quantizer.encode(layer.weight.detach())
+    codes, params = layer.weight_quantizer.exact_encoding(layer.weight)
     scale, bias = _fold(params["scale"], layer.bias, bn)
     conv = nn.Conv2d(
         layer.in_channels,
