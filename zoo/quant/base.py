@@ -120,7 +120,8 @@ class WeightQuantizer(Quantizer):
     weight again (fine-tuning starts from the decoded weights). While pinned,
     the weight re-packs to the codes and parameters it was decoded from
     (:meth:`pinned_encoding`): encoding a decoded weight need not give them
-    back (IMB re-standardizes it, so a scale of 0.5 would come back as 1).
+    back (IMB re-standardizes it, so a scale of 0.5 would come back as 1). A copy
+    (``copy.deepcopy``, pickle, :func:`zoo.deploy`) stays pinned to its copy of the weight.
     """
 
     channel_dim = 0  # output channels of conv and linear weights
