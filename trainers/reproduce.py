@@ -137,7 +137,7 @@ def _dataset(model) -> str:
     return "cifar100" if model.num_classes == 100 else "cifar10"
 
 
-def _test_top1(model, data: str | None, limit: int | None) -> dict[str, Any]:
+def _test_result(model, data: str | None, limit: int | None) -> dict[str, Any]:
     """Test top-1 and what it was measured on: how many images of which copy of the data, on which machine."""
     dataset = _dataset(model)
     images, labels = load_split(data, "test", dataset)
@@ -172,11 +172,11 @@ def _last_logged(metrics: Path, key: str) -> float | None:
 def measure(model, card: dict[str, Any], data: str | None, limit: int | None, bn_reest: bool) -> dict[str, Any]:
     """Test top-1 of a loaded checkpoint (and after BN re-estimation), its card's val top-1 and epochs."""
     epochs = card.get("epochs_total", card.get("epochs"))  # a warm restart counts its earlier run too
-    result = {**_test_top1(model, data, limit), "val_top1": card.get("val_top1"), "epochs": epochs}
+    result = {**_test_result(model, data, limit), "val_top1": card.get("val_top1"), "epochs": epochs}
     result["val_split"] = card.get("val_split")
     if bn_reest:
         _reestimate_bn(model, data)
-        result["top1_bn_reest"] = _test_top1(model, data, limit)["top1"]
+        result["top1_bn_reest"] = _test_result(model, data, limit)["top1"]
     return result
 
 
@@ -260,14 +260,13 @@ def measured_on(results: list[dict[str, Any]]) -> str:
     """What a table's numbers were measured on, from what its rows recorded (results files written before
     rows recorded it say less rather than guess)."""
 
-    def values(key: str) -> list[str]:
-        return sorted({str(r[key]) for r in results if r.get(key)})
+    def joined(key: str, template: str) -> str:
+        values = sorted({str(r[key]) for r in results if r.get(key)})
+        return template.format("; ".join(values)) if values else ""
 
     images = sorted({r["test_images"] for r in results if r.get("test_images")})
     test = f"{' or '.join(f'{n:,}' for n in images)} images of the test split" if images else "the test split"
-    data = f" ({'; '.join(values('test_data'))})" if values("test_data") else ""
-    where = f" on {'; '.join(values('hardware'))}" if values("hardware") else ""
-    val = f" ({'; '.join(values('val_split'))})" if values("val_split") else ""
+    data, where, val = joined("test_data", " ({})"), joined("hardware", " on {}"), joined("val_split", " ({})")
     return f"test top-1 on {test}{data}{where}; val top-1 (model selection) on the trainer's validation split{val}"
 
 
