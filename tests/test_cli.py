@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import zoo
-from tests.test_trainer import REPO, _run_cli
-from trainers.cli import cpu_bf16_is_emulated, warn_if_bf16_is_slow
+from tests.test_trainer import REPO, _in_float32_where_bf16_is_emulated
+from trainers.cli import warn_if_bf16_is_slow
 from zoo.__main__ import main as zoo_main
 
 
@@ -172,18 +172,15 @@ def test_zoo_eval_without_data_explains(tmp_path, monkeypatch, capsys):
     assert "Looked in" in capsys.readouterr().err
 
 
-def test_reproduce_smoke_row_and_from_zoo(tmp_path, tiny_zip, float_teacher):
+def test_reproduce_smoke_row_and_from_zoo(tmp_path, tiny_zip, float_teacher, trainers_cli, capsys, monkeypatch):
     out = tmp_path / "out"
-    _run_cli(
-        [
-            "reproduce", "dirnet-cifar10", "--budget", "smoke", "--rows", "resnet20_w1a1_dirnet",
-            "--data", str(tiny_zip), "--out", str(out),
-            f"--model.init_args.teacher={float_teacher}", f"--model.init_args.init_from={float_teacher}",
-            "--data.init_args.val_size=40", "--data.init_args.batch_size=16", "--tag", "tiny", "--bn-reest",
-            *(["--trainer.precision=32"] if cpu_bf16_is_emulated() else []),  # the preset's bf16: 10x slower there
-        ],
-        cwd=tmp_path,
-    )  # fmt: skip
+    args = [
+        "reproduce", "dirnet-cifar10", "--budget", "smoke", "--rows", "resnet20_w1a1_dirnet",
+        "--data", str(tiny_zip), "--out", str(out),
+        f"--model.init_args.teacher={float_teacher}", f"--model.init_args.init_from={float_teacher}",
+        "--data.init_args.val_size=40", "--data.init_args.batch_size=16", "--tag", "tiny", "--bn-reest",
+    ]  # fmt: skip
+    trainers_cli(_in_float32_where_bf16_is_emulated(args), tmp_path)
     results = json.loads((out / "dirnet-cifar10" / "dirnet-cifar10-smoke-tiny.json").read_text())
     assert results[0]["status"] == "ok" and results[0]["paper_top1"] == 86.5 and results[0]["epochs"] == 1
     assert 0 <= results[0]["top1"] <= 100 and 0 <= results[0]["top1_bn_reest"] <= 100
@@ -196,12 +193,14 @@ def test_reproduce_smoke_row_and_from_zoo(tmp_path, tiny_zip, float_teacher):
     assert "val top-1 (model selection) on the trainer's validation split (40 train images held out (seed 0))." in table
     assert not list((REPO / "checkpoints").glob("*smoke*"))  # exports went to the run directory
 
-    env = {"ZOO_CHECKPOINT_DIR": str(_published(tmp_path / "ckpts"))}
+    monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(_published(tmp_path / "ckpts")))
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- measured:start -->\n<!-- measured:end -->\ntail\n")
     args = ["reproduce", "dirnet-cifar10", "--from-zoo", "--data", str(tiny_zip), "--out", str(out)]
     for _ in range(2):  # the second run replaces the block the first one wrote
-        printed = _run_cli([*args, "--write", str(readme)], cwd=tmp_path, env=env).stdout
+        capsys.readouterr()
+        trainers_cli([*args, "--write", str(readme)], tmp_path)
+    printed = capsys.readouterr().out
     assert "| ResNet-20 W1A1 | resnet20_w1a1 | 86.5 |" in printed and "no published checkpoint" in printed
     text = readme.read_text()
     assert text.count("<!-- dirnet-cifar10-zoo:start -->") == 1 and text.endswith("<!-- measured:end -->\ntail\n")

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 import zoo
-from tests.test_trainer import _data_args, _run_cli
+from tests.test_trainer import _data_args
 from trainers.callbacks import cpu_model_name
 from trainers.lowbit import JointDistillation, ProgressiveQuantization, StochasticPrecision
 from trainers.module import ZooClassifier
@@ -77,7 +77,7 @@ def test_lsq_step_is_reinitialized_when_bits_change():
     assert q.bits == 2 and q.step.item() == pytest.approx(2 * w.abs().mean().item() / 1.0, rel=1e-5)
 
 
-def test_progressive_run_resumes_mid_ladder(tiny_zip, tmp_path):
+def test_progressive_run_resumes_mid_ladder(tiny_zip, tmp_path, trainers_cli):
     stages = json.dumps(
         [{"epochs": 1, "weight_bits": 8, "act_bits": 8}, {"epochs": 2, "weight_bits": 2, "act_bits": 2}]
     )
@@ -94,12 +94,12 @@ def test_progressive_run_resumes_mid_ladder(tiny_zip, tmp_path):
         "--trainer.callbacks+=trainers.ProgressiveQuantization",
         f"--trainer.callbacks.stages={stages}",
     ]
-    _run_cli([*common, "--trainer.max_steps=14"], cwd=tmp_path)  # interrupted after epoch 2 (stage 2 started)
+    trainers_cli([*common, "--trainer.max_steps=14"], tmp_path)  # interrupted after epoch 2 (stage 2 started)
     run = tmp_path / "logs" / "lightning_logs" / "run"
     first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     step_key = "model.layer1.0.conv1.weight_quantizer.step"
     assert first["epoch"] == 1
-    _run_cli([*common, "--ckpt_path=last"], cwd=tmp_path)
+    trainers_cli([*common, "--ckpt_path=last"], tmp_path)
     final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert final["epoch"] == 2 and final["global_step"] == 21
     results = json.loads((run / "progressive_stages.json").read_text())
@@ -108,7 +108,7 @@ def test_progressive_run_resumes_mid_ladder(tiny_zip, tmp_path):
     assert final["state_dict"][step_key].item() != first["state_dict"][step_key].item()  # stage 2 kept training
     # resuming the finished run trains nothing and exports the 2-bit model it ended with
     export = ["--trainer.callbacks+=trainers.ExportPacked", "--trainer.callbacks.path=w2a2.safetensors"]
-    _run_cli([*common, *export, "--ckpt_path=last"], cwd=tmp_path)
+    trainers_cli([*common, *export, "--ckpt_path=last"], tmp_path)
     layer = load_packed(tmp_path / "w2a2.safetensors").layer1[0].conv1
     assert (layer.weight_quantizer.bits, layer.input_quantizer.bits) == (2, 2)
 
@@ -183,8 +183,8 @@ def test_joint_losses_match_the_formulas_and_do_not_leak_gradients(loss):
     assert all(p.grad is None for s in module.students for p in s.parameters())
 
 
-def test_joint_training_steps_every_optimizer_and_exports_each_student(tiny_zip, tmp_path, float_teacher):
-    _run_cli(
+def test_joint_training_steps_every_optimizer_and_exports_each_student(tiny_zip, tmp_path, float_teacher, trainers_cli):
+    trainers_cli(
         [
             "fit",
             "--model=trainers.JointDistillation",
@@ -200,7 +200,7 @@ def test_joint_training_steps_every_optimizer_and_exports_each_student(tiny_zip,
             "--trainer.callbacks+=trainers.ExportPacked",
             "--trainer.callbacks.path={name}.joint.safetensors",
         ],
-        cwd=tmp_path,
+        tmp_path,
     )
     ckpt = torch.load(tmp_path / "logs" / "lightning_logs" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert len(ckpt["optimizer_states"]) == 3

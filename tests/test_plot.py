@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from zoo.__main__ import main as zoo_main
@@ -67,15 +64,12 @@ def test_training_curves_from_a_run_directory(tmp_path):
     assert out == path.parent / "curves.png" and out.read_bytes().startswith(PNG)
 
 
-def test_trainers_plot_command_errors_clearly(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "trainers", "plot", str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 2 and "no metrics.csv under" in proc.stderr
+def test_trainers_plot_command_errors_clearly(tmp_path, trainers_cli, capsys):
+    assert trainers_cli(["plot", str(tmp_path)], tmp_path, check=False) == 2
+    assert "no metrics.csv under" in capsys.readouterr().err
     _write_metrics(tmp_path / "run")
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainers", "plot", str(tmp_path / "run"), "--out", str(tmp_path / "c.png")],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert proc.returncode == 0 and (tmp_path / "c.png").read_bytes().startswith(PNG)
+    trainers_cli(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "c.png")], tmp_path)
+    assert (tmp_path / "c.png").read_bytes().startswith(PNG)
 
 
 def test_zoo_plot_marks_a_model_by_its_fewest_bits(tmp_path, monkeypatch):

@@ -411,8 +411,9 @@ def test_channels_last_changes_the_memory_layout_not_the_values(float_teacher, t
 # ----------------------------------------------------------------------------- CLI
 
 
-def _run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+def _run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m trainers ARGS`` in a new interpreter: for what needs its own processes (DDP)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(
         [sys.executable, "-m", "trainers", *args],
         cwd=cwd,
@@ -425,14 +426,11 @@ def _run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = 
     return out
 
 
-def _cli_in_process(args: list[str], cwd: Path, monkeypatch) -> None:
-    """Run the trainer CLI in this process (no interpreter start-up: fast enough for every preset).
-    Where bf16 is emulated (an AVX2 CPU) the presets' bf16-mixed runs in float32: 10x faster there."""
-    from trainers.cli import cpu_bf16_is_emulated, main
+def _in_float32_where_bf16_is_emulated(args: list[str]) -> list[str]:
+    """Where bf16 is emulated (an AVX2 CPU) a preset's bf16-mixed runs in float32: 10x faster there."""
+    from trainers.cli import cpu_bf16_is_emulated
 
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["python -m trainers"])
-    main(args=[*args, "--trainer.precision=32"] if cpu_bf16_is_emulated() else args)
+    return [*args, "--trainer.precision=32"] if cpu_bf16_is_emulated() else args
 
 
 def _teacher_args(preset: Path, teachers) -> list[str]:
@@ -448,21 +446,18 @@ def _teacher_args(preset: Path, teachers) -> list[str]:
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
-def test_every_preset_runs_fast_dev_run(preset, tiny_zip, float_teachers, tmp_path, monkeypatch):
+def test_every_preset_runs_fast_dev_run(preset, tiny_zip, float_teachers, tmp_path, trainers_cli):
     configs = [f"--config={preset}"]
     if preset.suffixes != [".yaml"]:  # a budget file is applied on top of its main preset
         configs = [f"--config={preset.parent / (preset.name.split('.')[0] + '.yaml')}", *configs]
-    _cli_in_process(
-        ["fit", *configs, *_smoke_args(tiny_zip), *_teacher_args(preset, float_teachers)],
-        tmp_path,
-        monkeypatch,
-    )
+    args = ["fit", *configs, *_smoke_args(tiny_zip), *_teacher_args(preset, float_teachers)]
+    trainers_cli(_in_float32_where_bf16_is_emulated(args), tmp_path)
 
 
 @pytest.mark.parametrize(
     "ablation", sorted((REPO / "trainers" / "presets" / "ablations").glob("*.yaml")), ids=lambda p: p.stem
 )
-def test_every_ablation_runs_fast_dev_run(ablation, tiny_zip, float_teachers, tmp_path, monkeypatch):
+def test_every_ablation_runs_fast_dev_run(ablation, tiny_zip, float_teachers, tmp_path, trainers_cli):
     presets = REPO / "trainers" / "presets"
     base = {"dirnet": "resnet20_w1a1_dirnet", "lowbit": "resnet20_w2a2_dorefa"}.get(
         ablation.stem.split("_")[0], "resnet20_w3a3_lsq"
@@ -475,11 +470,8 @@ def test_every_ablation_runs_fast_dev_run(ablation, tiny_zip, float_teachers, tm
     args = _teacher_args(presets / f"{base}.yaml", float_teachers)
     if "teacher: null" in ablation.read_text():
         args = [a for a in args if ".teacher=" not in a]
-    _cli_in_process(
-        ["fit", *[f"--config={c}" for c in configs], *_smoke_args(tiny_zip), *args],
-        tmp_path,
-        monkeypatch,
-    )
+    args = ["fit", *[f"--config={c}" for c in configs], *_smoke_args(tiny_zip), *args]
+    trainers_cli(_in_float32_where_bf16_is_emulated(args), tmp_path)
 
 
 def _image_folder(root: Path, classes: int = 2, per_class: int = 4) -> Path:
@@ -512,7 +504,7 @@ def test_imagenet_presets_cover_the_folder():
 
 
 @pytest.mark.parametrize("files", IMAGENET_RUNS, ids=lambda f: "+".join(Path(x).stem for x in f))
-def test_imagenet_presets_run_fast_dev_run(files, tmp_path, monkeypatch):
+def test_imagenet_presets_run_fast_dev_run(files, tmp_path, trainers_cli):
     """The GPU recipes build their torchvision models and train two steps on a tiny folder
     (no pretrained download: ``weights`` set to null)."""
     import yaml
@@ -526,22 +518,43 @@ def test_imagenet_presets_run_fast_dev_run(files, tmp_path, monkeypatch):
     data = [f"--data.init_args.root={root}", "--data.init_args.image_size=64", "--data.init_args.batch_size=4",
             "--data.init_args.num_workers=0"]  # fmt: skip
     run = ["fit", *args, *data, "--trainer.fast_dev_run=2", "--trainer.accelerator=cpu"]
-    _cli_in_process(run, tmp_path, monkeypatch)
+    trainers_cli(_in_float32_where_bf16_is_emulated(run), tmp_path)
 
 
-def test_print_config_round_trips(tmp_path):
+def test_print_config_round_trips(tmp_path, trainers_cli, capsys):
     preset = REPO / "trainers" / "presets" / "resnet20_w1a1_dirnet.yaml"
-    first = _run_cli(["fit", f"--config={preset}", "--model.init_args.lr=0.02", "--print_config"], cwd=tmp_path).stdout
+    trainers_cli(["fit", f"--config={preset}", "--model.init_args.lr=0.02", "--print_config"], tmp_path)
+    first = capsys.readouterr().out
     (tmp_path / "printed.yaml").write_text(first)
-    second = _run_cli(["fit", "--config=printed.yaml", "--print_config"], cwd=tmp_path).stdout
-    assert first == second and "lr: 0.02" in first
+    trainers_cli(["fit", "--config=printed.yaml", "--print_config"], tmp_path)
+    assert capsys.readouterr().out == first and "lr: 0.02" in first
+
+
+def test_the_cli_builds_only_the_parser_of_the_subcommand_it_runs(tmp_path, trainers_cli, capsys, monkeypatch):
+    """Each subcommand parser costs about 0.4 s; ``--help`` alone still lists all four."""
+    from lightning.pytorch.cli import LightningCLI
+
+    built = []
+    prepare = LightningCLI._prepare_subcommand_parser
+    monkeypatch.setattr(
+        LightningCLI,
+        "_prepare_subcommand_parser",
+        lambda self, klass, name, **kw: built.append(name) or prepare(self, klass, name, **kw),
+    )
+    trainers_cli(["--help"], tmp_path)
+    assert built == ["fit", "validate", "test", "predict"]
+    listed = capsys.readouterr().out
+    assert all(f"    {name} " in listed for name in built)
+    built.clear()
+    trainers_cli(["validate", "--help"], tmp_path)
+    assert built == ["validate"] and "validate [-c CONFIG]" in capsys.readouterr().out
 
 
 def _metrics(run_dir: Path) -> list[dict[str, str]]:
     return list(csv.DictReader((run_dir / "metrics.csv").open()))
 
 
-def test_resume_continues_epoch_and_schedules(tiny_zip, tmp_path):
+def test_resume_continues_epoch_and_schedules(tiny_zip, tmp_path, trainers_cli):
     common = [
         "fit",
         "--model=trainers.ZooClassifier",
@@ -554,7 +567,7 @@ def test_resume_continues_epoch_and_schedules(tiny_zip, tmp_path):
         "--trainer.enable_progress_bar=false",
         "--trainer.log_every_n_steps=2",
     ]
-    _run_cli([*common, "--trainer.max_epochs=1"], cwd=tmp_path)
+    trainers_cli([*common, "--trainer.max_epochs=1"], tmp_path)
     run_dir = tmp_path / "logs" / "lightning_logs" / "version_0"
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert first["epoch"] == 0 and first["global_step"] == 7  # 120 images / 16, drop_last
@@ -562,7 +575,7 @@ def test_resume_continues_epoch_and_schedules(tiny_zip, tmp_path):
     with (run_dir / "metrics.csv").open("a", newline="") as f:  # logged by an interrupted attempt after the checkpoint
         csv.DictWriter(f, fieldnames=header).writerow({"epoch": 0, "step": 7, "train/loss": 9.5})
     # no version given: --ckpt_path last resumes the newest run (Lightning alone would start version_1 from scratch)
-    _run_cli([*common, "--trainer.max_epochs=2", "--ckpt_path=last"], cwd=tmp_path)
+    trainers_cli([*common, "--trainer.max_epochs=2", "--ckpt_path=last"], tmp_path)
     assert [p.name for p in run_dir.parent.iterdir()] == ["version_0"]
     second = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert second["epoch"] == 1 and second["global_step"] == 14
@@ -787,7 +800,7 @@ def test_cut_short_names_what_shortened_the_fit():
     assert _cut_short(SimpleNamespace(**probe)) == "max_steps=150"
 
 
-def test_a_fit_cut_short_does_not_replace_a_published_checkpoint(tiny_zip, float_teacher, tmp_path):
+def test_a_fit_cut_short_does_not_replace_a_published_checkpoint(tiny_zip, float_teacher, tmp_path, trainers_cli):
     import json
 
     import zoo
@@ -795,34 +808,32 @@ def test_a_fit_cut_short_does_not_replace_a_published_checkpoint(tiny_zip, float
     published = tmp_path / "resnet20_fp.pub.safetensors"
     zoo.save_packed(zoo.create_model("resnet20_fp"), published, {"top1": 91.0})  # a measured, published result
     before = published.read_bytes()
-    out = _run_cli(
-        [
-            "fit",
-            "--model=trainers.ZooClassifier",
-            "--model.init_args.model=resnet20_fp",
-            f"--model.init_args.init_from={float_teacher}",
-            "--data=trainers.CIFARDataModule",
-            *_data_args(tiny_zip),
-            "--trainer.max_epochs=2",
-            "--trainer.max_steps=1",  # a probe of a preset
-            "--trainer.enable_progress_bar=false",
-            "--trainer.logger.init_args.save_dir=logs",
-            "--trainer.logger.init_args.version=probe",
-            "--trainer.callbacks+=trainers.ExportPacked",
-            f"--trainer.callbacks.path={published}",
-        ],
-        cwd=tmp_path,
-    )
+    args = [
+        "fit",
+        "--model=trainers.ZooClassifier",
+        "--model.init_args.model=resnet20_fp",
+        f"--model.init_args.init_from={float_teacher}",
+        "--data=trainers.CIFARDataModule",
+        *_data_args(tiny_zip),
+        "--trainer.max_epochs=2",
+        "--trainer.max_steps=1",  # a probe of a preset
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger.init_args.save_dir=logs",
+        "--trainer.logger.init_args.version=probe",
+        "--trainer.callbacks+=trainers.ExportPacked",
+        f"--trainer.callbacks.path={published}",
+    ]
+    with pytest.warns(UserWarning, match=r"cut short \(max_steps=1\)"):
+        trainers_cli(args, tmp_path)
     assert published.read_bytes() == before
     assert json.loads(published.with_suffix(".json").read_text())["top1"] == 91.0
     probe = tmp_path / "logs" / "lightning_logs" / "probe" / published.name
     assert "top1" not in json.loads(probe.with_suffix(".json").read_text())  # the probe's own, unmeasured export
     zoo.load_packed(probe)  # its sha256 matches its card
-    assert "cut short (max_steps=1)" in out.stderr
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_trains_and_syncs_metrics(tiny_zip, float_teacher, tmp_path):
+def test_ddp_two_processes_trains_and_syncs_metrics(tiny_zip, float_teacher, tmp_path, trainers_cli):
     common = [
         "--model=trainers.ZooClassifier",
         f"--model.init_args.init_from={float_teacher}",
@@ -847,10 +858,8 @@ def test_ddp_two_processes_trains_and_syncs_metrics(tiny_zip, float_teacher, tmp
     )
     assert (tmp_path / "logs" / "lightning_logs" / "ddpfit" / "checkpoints" / "last.ckpt").is_file()
     # validation of the same weights: one process vs two must give the same (synced) accuracy
-    single = _run_cli(
-        ["validate", *common, "--trainer.devices=1", "--trainer.logger.init_args.version=v1"], cwd=tmp_path
-    )
-    double = _run_cli(
+    trainers_cli(["validate", *common, "--trainer.devices=1", "--trainer.logger.init_args.version=v1"], tmp_path)
+    _run_cli(
         ["validate", *common, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.logger.init_args.version=v2"],
         cwd=tmp_path,
     )
@@ -858,4 +867,3 @@ def test_ddp_two_processes_trains_and_syncs_metrics(tiny_zip, float_teacher, tmp
     two = _metrics(tmp_path / "logs" / "lightning_logs" / "v2")[-1]
     assert float(one["val/top1"]) == pytest.approx(float(two["val/top1"]))
     assert float(one["val/loss"]) == pytest.approx(float(two["val/loss"]), rel=1e-4)
-    assert single.returncode == double.returncode == 0

@@ -25,7 +25,19 @@ class ZooCLI(LightningCLI):
     ``--ckpt_path last`` resumes the newest run of the logger's ``save_dir/name`` when no
     ``--trainer.logger.init_args.version`` is given (Lightning would start a new ``version_N`` and,
     finding no ``last.ckpt`` there, train from scratch), and keeps that run's ``metrics.csv``
-    (Lightning's CSV logger deletes it) up to the resumed step."""
+    (Lightning's CSV logger deletes it) up to the resumed step.
+
+    ``only_subcommand`` builds the parser of that one subcommand instead of all four (``fit``, ``validate``,
+    ``test``, ``predict``): each costs jsonargparse about 0.4 s per start-up, and a command line runs one."""
+
+    def __init__(self, *args, only_subcommand: str | None = None, **kwargs) -> None:
+        self.only_subcommand = only_subcommand
+        super().__init__(*args, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:
+        everything = LightningCLI.subcommands()
+        only = self.only_subcommand
+        return {only: everything[only]} if only in everything else everything
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -132,6 +144,7 @@ def _relative(path: str) -> str:
 
 
 def main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
+    command_line = sys.argv[1:] if args is None else args
     return ZooCLI(
         pl.LightningModule,  # trainers.ZooClassifier, trainers.JointDistillation or your own
         pl.LightningDataModule,
@@ -139,6 +152,7 @@ def main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
         subclass_mode_data=True,
         args=args,
         run=run,
+        only_subcommand=command_line[0] if command_line else None,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
