@@ -169,7 +169,7 @@ class WeightQuantizer(Quantizer):
         super().__setstate__(state)
         if self._pinned is not None:
             weight, _, codes, params = self._pinned
-            self._pinned = (weight, weight._version, codes, params)
+            self.pin(weight, codes, params)
 
     def forward(self, w: Tensor) -> Tensor:
         if self._pinned is not None:
