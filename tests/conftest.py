@@ -20,6 +20,12 @@ SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked slow run first: pytest-xdist hands tests out in collection order, and a long test handed
+    out last keeps the run going while the other workers sit idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def isolated_cache(tmp_path_factory):
     """Decoded data and built C++ kernels go to this run's temporary directory, never the user's ~/.cache.

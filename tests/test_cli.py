@@ -172,6 +172,7 @@ def test_zoo_eval_without_data_explains(tmp_path, monkeypatch, capsys):
     assert "Looked in" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_reproduce_smoke_row_and_from_zoo(tmp_path, tiny_zip, float_teacher, trainers_cli, capsys, monkeypatch):
     out = tmp_path / "out"
     args = [

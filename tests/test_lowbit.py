@@ -77,6 +77,7 @@ def test_lsq_step_is_reinitialized_when_bits_change():
     assert q.bits == 2 and q.step.item() == pytest.approx(2 * w.abs().mean().item() / 1.0, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_progressive_run_resumes_mid_ladder(tiny_zip, tmp_path, trainers_cli):
     stages = json.dumps(
         [{"epochs": 1, "weight_bits": 8, "act_bits": 8}, {"epochs": 2, "weight_bits": 2, "act_bits": 2}]
@@ -183,6 +184,7 @@ def test_joint_losses_match_the_formulas_and_do_not_leak_gradients(loss):
     assert all(p.grad is None for s in module.students for p in s.parameters())
 
 
+@pytest.mark.slow
 def test_joint_training_steps_every_optimizer_and_exports_each_student(tiny_zip, tmp_path, float_teacher, trainers_cli):
     trainers_cli(
         [

@@ -251,6 +251,7 @@ def test_lsq_per_channel_step_gradient_matches_formula():
         LSQ(bits=2, activation=True, per_channel=True, channels=3)
 
 
+@pytest.mark.slow
 def test_compiled_kernels_match_eager():
     from zoo.quant import estimators
 

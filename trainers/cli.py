@@ -53,9 +53,8 @@ class ZooCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
-        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
-            _resume_newest_version(config.trainer.logger)
+        if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":  # no subcommand with run=False
+            _resume_newest_version(self.config.fit.trainer.logger)
 
     def before_fit(self) -> None:
         """Warn about slow bf16; keep a resumed run's metrics; record the preset files and the command line in the
