@@ -61,3 +61,30 @@ def test_limits_batches_accepts_tuples_and_restores_train_mode():
 def test_empty_loader_is_an_error():
     with pytest.raises(ValueError, match="no batches"):
         zoo.reestimate_bn(_net(), [], num_batches=5)
+
+
+def _reestimate_on_rank(rank: int, world: int, init_file: str, batches: list[torch.Tensor], out: str) -> None:
+    """One rank of a gloo process group: re-estimate a lone BatchNorm from this rank's share of the batches."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        bn = nn.BatchNorm2d(3)
+        used = zoo.reestimate_bn(bn, batches[rank::world])
+        torch.save({"mean": bn.running_mean, "var": bn.running_var, "used": used}, f"{out}/{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_reestimation_averages_the_batches_of_every_rank(tmp_path):
+    """Under DDP each rank sees its own batches; every rank must end with the statistics of all of them."""
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3, 5, 5) * (i + 1) + i for i in range(5)]  # 3 on rank 0, 2 on rank 1
+    args = (2, str(tmp_path / "store"), batches, str(tmp_path))
+    torch.multiprocessing.spawn(_reestimate_on_rank, args=args, nprocs=2)
+    mean = torch.stack([x.mean((0, 2, 3)) for x in batches]).mean(0)
+    var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in batches]).mean(0)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{rank}.pt")
+        assert result["used"] == 5
+        torch.testing.assert_close(result["mean"], mean)
+        torch.testing.assert_close(result["var"], var)
