@@ -923,6 +923,8 @@ def test_ddp_two_processes_trains_and_syncs_metrics(tiny_zip, float_teacher, tmp
             "--trainer.devices=2",
             "--trainer.logger.init_args.version=ddpfit",
             "--model.init_args.channels_last=true",  # DDP's gradient buckets with NHWC weights
+            "--trainer.callbacks+=trainers.BNReestimation",  # all-reduces its sums: both ranks must join
+            "--trainer.callbacks.num_batches=2",
         ],
         cwd=tmp_path,
     )
