@@ -48,6 +48,30 @@ def test_round_trip_gives_equal_logits(tmp_path, name, quantizers):
     assert on_disk["sha256"] == card["sha256"] and on_disk["file_bytes"] == (tmp_path / "m.safetensors").stat().st_size
 
 
+@pytest.mark.parametrize(
+    "name, quantizers, expected",
+    [
+        ("resnet20_w4a4", {}, "float32"),
+        ("resnet20_w2a2", {"first_last_bits": 8}, "float32"),
+        ("resnet20_w32a1", {}, "float32"),
+        ("resnet20_fp", {}, "float32"),
+        ("resnet20_w1a32", {}, "float16"),
+        ("resnet20_w1a1", {"first_last_bits": 8}, "float16"),
+    ],
+)
+def test_default_real_dtype_is_float16_only_for_binary_weights(tmp_path, name, quantizers, expected):
+    """float16 real parameters only where the 1/20 size rule needs them (binary weights): the other
+    files keep float32, so they give the logits of the model that was validated."""
+    torch.manual_seed(0)
+    model = _train_a_little(zoo.create_model(name, **quantizers)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    card = save_packed(model, tmp_path / "m.safetensors")
+    with torch.no_grad():
+        exact = torch.equal(model(x), load_packed(tmp_path / "m.safetensors")(x))
+    assert card["real_dtype"] == expected
+    assert exact == (expected == "float32")
+
+
 def test_loaded_model_fine_tunes_from_decoded_weights(tmp_path):
     model = _train_a_little(zoo.create_model("resnet20_w1a1"))
     save_packed(model, tmp_path / "m.safetensors")
@@ -76,7 +100,7 @@ def test_float16_real_parts_round_parameters_and_keep_statistics(tmp_path):
     torch.manual_seed(0)
     model = _train_a_little(zoo.create_model("resnet20_w4a4"))
     model.head_bn.running_var.fill_(1e5)  # beyond float16's range: statistics stay float32
-    save_packed(model, tmp_path / "m.safetensors")
+    save_packed(model, tmp_path / "m.safetensors", real_dtype="float16")
     loaded = load_packed(tmp_path / "m.safetensors")
     params = {name for name, _ in model.named_parameters()}
     packed = {f"{name}.weight" for name, m in model.named_modules() if getattr(m, "weight_bits", 32) < 32}
@@ -89,7 +113,7 @@ def test_float16_real_parts_round_parameters_and_keep_statistics(tmp_path):
     with pytest.raises(ValueError, match=r"overflows torch\.float16"):
         with torch.no_grad():
             model.fc.weight[0, 0] = 1e6
-        save_packed(model, tmp_path / "big.safetensors")
+        save_packed(model, tmp_path / "big.safetensors", real_dtype="float16")
     with pytest.raises(ValueError, match="real_dtype must be one of float32, float16, bfloat16"):
         save_packed(model, tmp_path / "m.safetensors", real_dtype="int8")
 

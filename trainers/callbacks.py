@@ -166,7 +166,7 @@ class ExportPacked(pl.Callback):
     (``python -m zoo eval FILE --update-card``). A relative ``path`` is taken
     under ``$ZOO_EXPORT_DIR`` when set (table reproduction exports there, not
     over the published checkpoints). ``real_dtype`` is :func:`zoo.save_packed`'s
-    (default: float16 for quantized models, float32 for float ones).
+    (default: float16 for binary-weight models, float32 for the others).
 
     A fit cut short (``limit_train_batches`` or ``max_steps``, e.g. a quick probe
     of a preset) never replaces a checkpoint whose card holds a measured test

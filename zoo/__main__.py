@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         "--real-dtype",
         choices=["float32", "float16", "bfloat16"],
         default=None,
-        help="storage of the real parameters (default: float16 for quantized models, float32 for float ones)",
+        help="storage of the real parameters (default: float16 for binary-weight models, float32 for the others)",
     )
     p.set_defaults(func=cmd_repack)
 
