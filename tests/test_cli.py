@@ -115,6 +115,18 @@ def test_zoo_eval_of_an_ensemble_on_the_validation_split(tmp_path, tiny_zip, cap
     assert top1 == pytest.approx(100 * expected[:, 0].float().mean().item(), abs=0.005)
     assert top5 == pytest.approx(100 * expected.any(1).float().mean().item(), abs=0.005)
 
+    # one file's own validation top-1 goes into its card beside the trainer's val_top1, which stays
+    card_path = paths[0].with_suffix(".json")
+    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "val_top1": 99.0}))
+    args = ["eval", str(paths[0]), "--split", "val", "--val-size", "100", "--data", str(tiny_zip), "--update-card"]
+    assert zoo_main(args) == 0
+    card = json.loads(card_path.read_text())
+    with torch.no_grad():
+        right = zoo.load_packed(paths[0]).eval()(x).argmax(1) == labels[val]
+    assert card["file_val_top1"] == round(100 * right.float().mean().item(), 2)
+    assert card["file_val_split"] == "validation split (100 train images held out, seed 0)"
+    assert card["val_top1"] == 99.0 and "top1" not in card
+
     # an ensemble has no card to update, and a validation split needs held-out images
     assert zoo_main(["eval", *map(str, paths), "--data", str(tiny_zip), "--update-card"]) == 2
     assert "needs one .safetensors path" in capsys.readouterr().err

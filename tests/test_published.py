@@ -30,6 +30,19 @@ def test_every_card_names_an_existing_file_with_its_sha256():
             assert field in card, f"{card['name']}: card misses {field}"
 
 
+def test_float32_files_trained_in_float32_score_their_trainers_validation_top1():
+    """A file that keeps its real parameters in float32 gives the logits of the model the trainer
+    validated, so its own validation top-1 (``zoo eval --split val --update-card``) is the card's."""
+    exact = [
+        card
+        for card in CARDS
+        if "file_val_top1" in card and card["real_dtype"] == "float32" and card["trained_on"]["precision"] == "32-true"
+    ]
+    assert exact, "no float32 file with a measured file_val_top1"
+    for card in exact:
+        assert card["file_val_top1"] == card["val_top1"], card["name"]
+
+
 def test_every_card_preset_still_starts_from_and_distils_the_checkpoints_the_card_records():
     """An untagged name in a preset follows the default, so a new default would silently change what
     a card's preset trains: each card's preset must resolve to the init_from and teacher it records."""

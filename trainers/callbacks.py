@@ -163,7 +163,8 @@ class ExportPacked(pl.Callback):
     The card records the preset, epochs trained, wall time (summed over
     resumed runs), hardware and the best validation top-1; the test top-1 is
     filled in later by a separate evaluation of the exported file
-    (``python -m zoo eval FILE --update-card``). A relative ``path`` is taken
+    (``python -m zoo eval FILE --update-card``), and the file's own validation
+    top-1 by ``--split val --update-card`` (``file_val_top1``). A relative ``path`` is taken
     under ``$ZOO_EXPORT_DIR`` when set (table reproduction exports there, not
     over the published checkpoints). ``real_dtype`` is :func:`zoo.save_packed`'s
     (default: float16 for binary-weight models, float32 for the others).

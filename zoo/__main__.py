@@ -108,7 +108,7 @@ def _load_any(name: str):
 
 
 FILE_FIELDS = ("file", "sha256", "file_bytes", "library_version", "torch_version", "real_dtype")
-MEASURED_FIELDS = ("top1", "top5", "test_images", "test_data")
+MEASURED_FIELDS = ("top1", "top5", "test_images", "test_data", "file_val_top1", "file_val_split")
 
 
 def _carried_fields(card: dict, measured: bool) -> dict:
@@ -269,10 +269,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _measured_fields(args: argparse.Namespace, result: dict, dataset: str, split_name: str) -> dict:
+    """What ``eval --update-card`` writes: the test top-1 and top-5 (``top1``: the card's claim), or the
+    file's own validation top-1 (``file_val_top1``). The card's ``val_top1`` is the trainer's, measured
+    on the model before export; a file that rounds its real parameters to float16 can score otherwise."""
+    if args.split == "val":
+        return {"file_val_top1": round(result["top1"], 2), "file_val_split": split_name}
+    return {
+        "top1": round(result["top1"], 2),
+        "top5": round(result["top5"], 2),
+        "test_images": result["images"],
+        "test_data": find_dataset(args.data, dataset).describe(dataset),
+    }
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     one_file = len(args.names) == 1 and args.names[0].endswith(".safetensors")
-    if args.update_card and not (one_file and args.split == "test" and not args.limit and not args.deploy):
-        raise ValueError("--update-card needs one .safetensors path, the full test split, no --limit and no --deploy")
+    if args.update_card and not (one_file and not args.limit and not args.deploy):
+        raise ValueError("--update-card needs one .safetensors path, a whole split (no --limit) and no --deploy")
     if args.deploy and len(args.names) > 1:
         raise ValueError("--deploy evaluates one model; pass one NAME")
     model, card, card_path = _load_eval_model(args.names)
@@ -294,16 +308,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(args.names) == 1:
         print(f"file size  {_size(card.get('file_bytes'))}   (float state_dict: {_size(card.get('float_bytes'))})")
     if args.update_card:
-        card.update(
-            {
-                "top1": round(result["top1"], 2),
-                "top5": round(result["top5"], 2),
-                "test_images": result["images"],
-                "test_data": find_dataset(args.data, dataset).describe(dataset),
-            }
-        )
+        card.update(_measured_fields(args, result, dataset, split_name))
         _atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
-        print(f"wrote top-1 into {card_path}")
+        print(f"wrote {'validation ' if args.split == 'val' else ''}top-1 into {card_path}")
     return 0
 
 
@@ -351,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         help="zoo name or path to a packed .safetensors checkpoint; several: the mean of their logits",
     )
     _add_eval_split_args(p)
-    p.add_argument("--update-card", action="store_true", help="write the measured top-1 into the file's card")
+    p.add_argument(
+        "--update-card",
+        action="store_true",
+        help="write the measured top-1 into the file's card (test: top1; --split val: file_val_top1)",
+    )
     p.add_argument("--deploy", action="store_true", help="evaluate zoo.deploy(model) (XNOR-popcount kernels)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser(
