@@ -124,7 +124,7 @@ def test_zoo_eval_of_an_ensemble_on_the_validation_split(tmp_path, tiny_zip, cap
     with torch.no_grad():
         right = zoo.load_packed(paths[0]).eval()(x).argmax(1) == labels[val]
     assert card["file_val_top1"] == round(100 * right.float().mean().item(), 2)
-    assert card["file_val_split"] == "validation split (100 train images held out, seed 0)"
+    assert card["file_val_split"] == "100 train images held out (seed 0)"  # as val_split names it
     assert card["val_top1"] == 99.0 and "top1" not in card
 
     # an ensemble has no card to update, and a validation split needs held-out images

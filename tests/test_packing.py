@@ -239,6 +239,14 @@ def test_default_checkpoint_is_picked_on_validation_not_test(tmp_path, monkeypat
     ):
         save_packed(model, tmp_path / f"resnet20_w1a1.{tag}.safetensors", {"name": f"resnet20_w1a1.{tag}", **card})
     assert zoo.model_card("resnet20_w1a1")["name"] == "resnet20_w1a1.selected"  # the tie: 20 epochs, not 30
+    # the files' own validation top-1 decides once every validated card has one
+    rounded = {"lucky": 57.0, "selected": 56.0, "a_longer_tie": 56.5}
+    for tag, file_val in rounded.items():
+        path = tmp_path / f"resnet20_w1a1.{tag}.json"
+        card = json.loads(path.read_text())
+        zoo.write_card(path, {**card, "file_val_top1": file_val})
+        expected = "resnet20_w1a1.selected" if tag != "a_longer_tie" else "resnet20_w1a1.lucky"
+        assert zoo.model_card("resnet20_w1a1")["name"] == expected  # until the third: the trainer's val_top1
 
 
 def test_registry_finds_cards_and_picks_default(tmp_path, monkeypatch):

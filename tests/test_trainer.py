@@ -898,8 +898,18 @@ def test_a_fit_cut_short_does_not_replace_a_published_checkpoint(tiny_zip, float
     assert published.read_bytes() == before
     assert json.loads(published.with_suffix(".json").read_text())["top1"] == 91.0
     probe = tmp_path / "logs" / "lightning_logs" / "probe" / published.name
-    assert "top1" not in json.loads(probe.with_suffix(".json").read_text())  # the probe's own, unmeasured export
-    zoo.load_packed(probe)  # its sha256 matches its card
+    card = json.loads(probe.with_suffix(".json").read_text())
+    assert "top1" not in card  # the probe's own export: no test top-1 until `zoo eval --update-card`
+    # but the file's own validation top-1, recomputed here from the 40 held-out training images
+    from zoo.data import DATASETS, load_split, train_val_split
+
+    images, labels = load_split(tiny_zip, "train")
+    val = train_val_split(len(labels), 40, 0)[1]
+    mean, std = (torch.tensor(DATASETS["cifar10"][k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        logits = zoo.load_packed(probe)((images[val].float() / 255 - mean) / std)  # its sha256 matches its card
+    assert card["file_val_top1"] == round(100 * (logits.argmax(1) == labels[val]).float().mean().item(), 2)
+    assert card["file_val_split"] == card["val_split"] == "40 train images held out (seed 0)"
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 import zoo
 from zoo.bn import reestimate_bn
-from zoo.data import find_dataset
+from zoo.data import describe_val_split, evaluate, find_dataset
 from zoo.layers import QUANTIZED_LAYERS
 from zoo.quant import LSQ, TanhEstimator, ede_schedule
 from zoo.quant.oscillation import dampening_grad, dampening_loss, dampening_weight, freeze_threshold
@@ -95,7 +95,7 @@ def _data_fields(datamodule: Any) -> dict[str, Any]:
             data_source=f"{source.path.name} ({source.kind})",
             data_copy=source.describe(hp["dataset"]),
             input_size=[3, 32, 32],
-            val_split=f"{hp.get('val_size')} train images held out (seed {hp.get('split_seed')})",
+            val_split=describe_val_split(hp.get("val_size"), hp.get("split_seed")),
         )
     return fields
 
@@ -163,8 +163,9 @@ class ExportPacked(pl.Callback):
     The card records the preset, epochs trained, wall time (summed over
     resumed runs), hardware and the best validation top-1; the test top-1 is
     filled in later by a separate evaluation of the exported file
-    (``python -m zoo eval FILE --update-card``), and the file's own validation
-    top-1 by ``--split val --update-card`` (``file_val_top1``). A relative ``path`` is taken
+    (``python -m zoo eval FILE --update-card``). The exported file's own top-1 on
+    the validation split (``file_val_top1``, which picks a name's default) is
+    measured here, on the file loaded back. A relative ``path`` is taken
     under ``$ZOO_EXPORT_DIR`` when set (table reproduction exports there, not
     over the published checkpoints). ``real_dtype`` is :func:`zoo.save_packed`'s
     (default: float16 for binary-weight models, float32 for the others).
@@ -264,7 +265,25 @@ class ExportPacked(pl.Callback):
             if stem.startswith(base + "."):  # <name>.<tag>.safetensors: the card is the tagged name
                 role_card["name"] = stem
             out = zoo.save_packed(models[role].cpu(), path, role_card, self.real_dtype)
-            rank_zero_info(f"exported {out['file']} ({out['file_bytes']} bytes), card {path.with_suffix('.json')}")
+            file_val = _file_validation(trainer.datamodule, path)
+            if file_val:
+                zoo.write_card(path, {**out, **file_val})
+            rank_zero_info(
+                f"exported {out['file']} ({out['file_bytes']} bytes, validation top-1 of the file "
+                f"{file_val.get('file_val_top1', '-')}), card {path.with_suffix('.json')}"
+            )
+
+
+def _file_validation(datamodule: Any, path: Path) -> dict[str, Any]:
+    """The exported file's own top-1 on the validation split carved from the training set
+    (``file_val_top1``): a file with float16 real parameters can score otherwise than the model the
+    trainer validated. Empty without such a split (``val_size=0`` validates on the test split)."""
+    val_set = getattr(datamodule, "val_set", None)
+    if val_set is None or not hasattr(val_set, "images"):
+        return {}
+    result = evaluate(zoo.load_packed(path), val_set.images, val_set.labels, datamodule.mean, datamodule.std)
+    hp = datamodule.hparams
+    return {"file_val_top1": round(result["top1"], 2), "file_val_split": describe_val_split(hp.val_size, hp.split_seed)}
 
 
 class BNReestimation(pl.Callback):

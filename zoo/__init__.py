@@ -20,7 +20,7 @@ from .bn import reestimate_bn
 from .convert import quantize
 from .export import export_onnx
 from .layers import QConv2d, QLinear, RPReLU
-from .packing import CheckpointError, load_packed, save_packed
+from .packing import CheckpointError, load_packed, save_packed, write_card
 from .registry import create_model, list_archs, list_models, load, model_card, parse_name
 from .xnor import deploy
 
@@ -45,4 +45,5 @@ __all__ = [
     "quantize",
     "reestimate_bn",
     "save_packed",
+    "write_card",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 from . import list_models, load, model_card
 from .data import (
     DATASETS,
+    describe_val_split,
     evaluate,
     exact_mcnemar_p,
     find_dataset,
@@ -19,7 +20,7 @@ from .data import (
     training_batches,
 )
 from .markdown import write_block
-from .packing import _atomic_write, load_packed
+from .packing import _atomic_write, load_packed, write_card
 from .registry import _cards, default_checkpoints, parse_name
 
 
@@ -269,12 +270,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measured_fields(args: argparse.Namespace, result: dict, dataset: str, split_name: str) -> dict:
+def _measured_fields(args: argparse.Namespace, result: dict, dataset: str) -> dict:
     """What ``eval --update-card`` writes: the test top-1 and top-5 (``top1``: the card's claim), or the
     file's own validation top-1 (``file_val_top1``). The card's ``val_top1`` is the trainer's, measured
     on the model before export; a file that rounds its real parameters to float16 can score otherwise."""
     if args.split == "val":
-        return {"file_val_top1": round(result["top1"], 2), "file_val_split": split_name}
+        return {
+            "file_val_top1": round(result["top1"], 2),
+            "file_val_split": describe_val_split(args.val_size, args.split_seed),
+        }
     return {
         "top1": round(result["top1"], 2),
         "top5": round(result["top5"], 2),
@@ -308,8 +312,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(args.names) == 1:
         print(f"file size  {_size(card.get('file_bytes'))}   (float state_dict: {_size(card.get('float_bytes'))})")
     if args.update_card:
-        card.update(_measured_fields(args, result, dataset, split_name))
-        _atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
+        card.update(_measured_fields(args, result, dataset))
+        write_card(card_path, card)
         print(f"wrote {'validation ' if args.split == 'val' else ''}top-1 into {card_path}")
     return 0
 

@@ -198,6 +198,11 @@ def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -
     return (images.float() / 255 - m) / s
 
 
+def describe_val_split(val_size: int, seed: int) -> str:
+    """How cards name the split of :func:`train_val_split` (``val_split``, ``file_val_split``)."""
+    return f"{val_size} train images held out (seed {seed})"
+
+
 def train_val_split(num_images: int, val_size: int = 5000, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Indices ``(train, val)`` of a validation split carved from a training set: the first
     ``val_size`` of a permutation seeded with ``seed``. The trainer and ``python -m zoo`` both use it,

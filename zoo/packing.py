@@ -234,9 +234,15 @@ def save_packed(
     full = {**info, **(card or {})}
     full.update({"file": path.name, "sha256": sha256_file(path), "file_bytes": path.stat().st_size})
     full["real_dtype"] = info["real_dtype"]  # describes this file, whatever an earlier card said
-    card_path = path.with_suffix(".json")
-    _atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(full, indent=2) + "\n"))
+    write_card(path, full)
     return full
+
+
+def write_card(path: str | os.PathLike, card: dict[str, Any]) -> Path:
+    """Write ``card`` atomically as the model card (``.json``) of the packed file ``path``."""
+    card_path = Path(path).with_suffix(".json")
+    _atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
+    return card_path
 
 
 def load_packed(path: str | os.PathLike, sha256: str | None = None, map_location: str = "cpu") -> nn.Module:

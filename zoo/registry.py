@@ -206,11 +206,13 @@ def _cards_for(base: str) -> list[dict[str, Any]]:
 def resolve_card(name: str) -> dict[str, Any]:
     """The card of ``name``'s checkpoint: the tagged one, or the default when no tag is given.
 
-    The default is the card marked ``"default": true``, else the best ``val_top1`` (the
-    validation split carved from the training set: picking by test top-1 would select on the
-    test set); a tie goes to the card trained for fewer epochs in all (``epochs_total``, else
-    ``epochs``: as good for less), then to the first by file name; cards without a validation
-    number rank by ``top1`` after those with one."""
+    The default is the card marked ``"default": true``, else the best on the validation split
+    carved from the training set (picking by test top-1 would select on the test set): by the
+    files' own ``file_val_top1`` when every validated card of the name has one (a file whose real
+    parameters are rounded to float16 can score otherwise than the model the trainer validated),
+    else by the trainer's ``val_top1``. A tie goes to the card trained for fewer epochs in all
+    (``epochs_total``, else ``epochs``: as good for less), then to the first by file name; cards
+    without a validation number rank by ``top1`` after those with one."""
     parsed = parse_name(name)
     cards = _cards_for(parsed.base)
     if not cards:
@@ -231,7 +233,8 @@ def resolve_card(name: str) -> dict[str, Any]:
         return defaults[0]
     validated = [c for c in cards if c.get("val_top1") is not None]
     if validated:
-        return max(validated, key=lambda c: (c["val_top1"], -(c.get("epochs_total") or c.get("epochs") or 0)))
+        key = "file_val_top1" if all("file_val_top1" in c for c in validated) else "val_top1"
+        return max(validated, key=lambda c: (c[key], -(c.get("epochs_total") or c.get("epochs") or 0)))
     return max(cards, key=lambda c: c.get("top1") or 0.0)
 
 
