@@ -164,8 +164,8 @@ class ExportPacked(pl.Callback):
     resumed runs), hardware and the best validation top-1; the test top-1 is
     filled in later by a separate evaluation of the exported file
     (``python -m zoo eval FILE --update-card``). The exported file's own top-1 on
-    the validation split (``file_val_top1``, which picks a name's default) is
-    measured here, on the file loaded back. A relative ``path`` is taken
+    the validation split (``file_val_top1``: defaults are chosen on it once every
+    tag of a name has one) is measured here, on the file loaded back. A relative ``path`` is taken
     under ``$ZOO_EXPORT_DIR`` when set (table reproduction exports there, not
     over the published checkpoints). ``real_dtype`` is :func:`zoo.save_packed`'s
     (default: float16 for binary-weight models, float32 for the others).
