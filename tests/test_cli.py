@@ -198,12 +198,20 @@ def test_reproduce_smoke_row_and_from_zoo(tmp_path, tiny_zip, float_teacher, tra
     assert results[0]["status"] == "ok" and results[0]["paper_top1"] == 86.5 and results[0]["epochs"] == 1
     assert 0 <= results[0]["top1"] <= 100 and 0 <= results[0]["top1_bn_reest"] <= 100
     assert 0 <= results[0]["val_top1"] <= 100  # from the exported card
+    exported = json.loads(Path(results[0]["file"]).with_suffix(".json").read_text())
+    assert results[0]["file_val_top1"] == exported["file_val_top1"]  # measured by ExportPacked on the file
     assert (out / "dirnet-cifar10" / "resnet20_w1a1_dirnet" / "smoke-tiny" / "fit.log").is_file()
     table = (out / "dirnet-cifar10" / "dirnet-cifar10-smoke-tiny.md").read_text()
     assert "| ResNet-20 W1A1 | resnet20_w1a1 | 86.5 |" in table and "top-1 after BN re-est." in table
     # the note says what this run measured on, not the published tables' 10,000 images
     assert "test top-1 on 40 images of the test split (JPEG files of cifar10 from tiny-cifar.zip (zip)) on " in table
-    assert "val top-1 (model selection) on the trainer's validation split (40 train images held out (seed 0))." in table
+    header, row = (next(line for line in table.splitlines() if line.startswith(s)) for s in ("| row", "| ResNet"))
+    cells = dict(zip(header.split(" | "), row.split(" | "), strict=True))
+    assert cells["file val top-1"] == f"{results[0]['file_val_top1']:.2f}"
+    assert (
+        "val top-1 (model selection) on the trainer's validation split (40 train images held out (seed 0)), "
+        "as the trainer measured it and (file val top-1) as the packed file scores it." in table
+    )
     assert not list((REPO / "checkpoints").glob("*smoke*"))  # exports went to the run directory
 
     monkeypatch.setenv("ZOO_CHECKPOINT_DIR", str(_published(tmp_path / "ckpts")))

@@ -170,10 +170,13 @@ def _last_logged(metrics: Path, key: str) -> float | None:
 
 
 def measure(model, card: dict[str, Any], data: str | None, limit: int | None, bn_reest: bool) -> dict[str, Any]:
-    """Test top-1 of a loaded checkpoint (and after BN re-estimation), its card's val top-1 and epochs."""
+    """Test top-1 of a loaded checkpoint (and after BN re-estimation), its card's val top-1s (the
+    trainer's and, where measured, the packed file's) and epochs."""
     epochs = card.get("epochs_total", card.get("epochs"))  # a warm restart counts its earlier run too
     result = {**_test_result(model, data, limit), "val_top1": card.get("val_top1"), "epochs": epochs}
     result["val_split"] = card.get("val_split")
+    if card.get("file_val_top1") is not None:
+        result["file_val_top1"] = card["file_val_top1"]
     if bn_reest:
         _reestimate_bn(model, data)
         result["top1_bn_reest"] = _test_result(model, data, limit)["top1"]
@@ -233,7 +236,11 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2f}" if value is not None else "-"
 
 
-OPTIONAL_COLUMNS = {"top1_bn_reest": "top-1 after BN re-est.", "oscillating_pct": "oscillating weights %"}
+OPTIONAL_COLUMNS = {
+    "file_val_top1": "file val top-1",
+    "top1_bn_reest": "top-1 after BN re-est.",
+    "oscillating_pct": "oscillating weights %",
+}
 
 
 def markdown(table: str, budget: str, results: list[dict[str, Any]], note: str = "") -> str:
@@ -267,7 +274,10 @@ def measured_on(results: list[dict[str, Any]]) -> str:
     images = sorted({r["test_images"] for r in results if r.get("test_images")})
     test = f"{' or '.join(f'{n:,}' for n in images)} images of the test split" if images else "the test split"
     data, where, val = joined("test_data", " ({})"), joined("hardware", " on {}"), joined("val_split", " ({})")
-    return f"test top-1 on {test}{data}{where}; val top-1 (model selection) on the trainer's validation split{val}"
+    files = any(r.get("file_val_top1") is not None for r in results)
+    both = ", as the trainer measured it and (file val top-1) as the packed file scores it" if files else ""
+    val = f"val top-1 (model selection) on the trainer's validation split{val}{both}"
+    return f"test top-1 on {test}{data}{where}; {val}"
 
 
 def run_table(args: argparse.Namespace, out: Path, extra: list[str]) -> list[dict[str, Any]]:
