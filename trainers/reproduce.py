@@ -276,8 +276,8 @@ def measured_on(results: list[dict[str, Any]]) -> str:
     data, where, val = joined("test_data", " ({})"), joined("hardware", " on {}"), joined("val_split", " ({})")
     files = any(r.get("file_val_top1") is not None for r in results)
     both = ", as the trainer measured it and (file val top-1) as the packed file scores it" if files else ""
-    val = f"val top-1 (model selection) on the trainer's validation split{val}{both}"
-    return f"test top-1 on {test}{data}{where}; {val}"
+    selection = f"val top-1 (model selection) on the trainer's validation split{val}{both}"
+    return f"test top-1 on {test}{data}{where}; {selection}"
 
 
 def run_table(args: argparse.Namespace, out: Path, extra: list[str]) -> list[dict[str, Any]]:
