@@ -123,8 +123,7 @@ def test_every_advertised_name_has_its_best_checkpoint_as_default(name):
     siblings = [c for c in CARDS if c["name"].split(".")[0] == name]
     if not any(c.get("default") for c in siblings):  # best on validation, never picked on test
         assert all("val_top1" in c for c in siblings)
-        key = "file_val_top1" if all("file_val_top1" in c for c in siblings) else "val_top1"  # the files' own
-        assert card[key] == max(c[key] for c in siblings)
+        assert card["file_val_top1"] == max(c["file_val_top1"] for c in siblings)  # the files' own
     assert card["dataset"] == "cifar10" and card["test_images"] == 10000  # measured on the whole test split
     if card["weight_bits"] == 1:  # packed sign bits + float16 real parameters
         assert card["file_bytes"] * 22 < card["float_bytes"]

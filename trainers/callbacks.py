@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 import zoo
 from zoo.bn import reestimate_bn
-from zoo.data import describe_val_split, evaluate, find_dataset
+from zoo.data import describe_val_split, evaluate, file_val_fields, find_dataset
 from zoo.layers import QUANTIZED_LAYERS
 from zoo.quant import LSQ, TanhEstimator, ede_schedule
 from zoo.quant.oscillation import dampening_grad, dampening_loss, dampening_weight, freeze_threshold
@@ -282,8 +282,7 @@ def _file_validation(datamodule: Any, path: Path) -> dict[str, Any]:
     if val_set is None or not hasattr(val_set, "images"):
         return {}
     result = evaluate(zoo.load_packed(path), val_set.images, val_set.labels, datamodule.mean, datamodule.std)
-    hp = datamodule.hparams
-    return {"file_val_top1": round(result["top1"], 2), "file_val_split": describe_val_split(hp.val_size, hp.split_seed)}
+    return file_val_fields(result["top1"], datamodule.hparams.val_size, datamodule.hparams.split_seed)
 
 
 class BNReestimation(pl.Callback):

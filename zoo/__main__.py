@@ -10,9 +10,9 @@ from pathlib import Path
 from . import list_models, load, model_card
 from .data import (
     DATASETS,
-    describe_val_split,
     evaluate,
     exact_mcnemar_p,
+    file_val_fields,
     find_dataset,
     load_split,
     top5_hits,
@@ -275,10 +275,7 @@ def _measured_fields(args: argparse.Namespace, result: dict, dataset: str) -> di
     file's own validation top-1 (``file_val_top1``). The card's ``val_top1`` is the trainer's, measured
     on the model before export; a file that rounds its real parameters to float16 can score otherwise."""
     if args.split == "val":
-        return {
-            "file_val_top1": round(result["top1"], 2),
-            "file_val_split": describe_val_split(args.val_size, args.split_seed),
-        }
+        return file_val_fields(result["top1"], args.val_size, args.split_seed)
     return {
         "top1": round(result["top1"], 2),
         "top5": round(result["top5"], 2),

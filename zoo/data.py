@@ -203,6 +203,12 @@ def describe_val_split(val_size: int, seed: int) -> str:
     return f"{val_size} train images held out (seed {seed})"
 
 
+def file_val_fields(top1: float, val_size: int, seed: int) -> dict[str, float | str]:
+    """The card fields of a packed file's own top-1 on that split (``file_val_top1``, ``file_val_split``),
+    written by ``python -m zoo eval --split val --update-card`` and by the trainer's ``ExportPacked``."""
+    return {"file_val_top1": round(top1, 2), "file_val_split": describe_val_split(val_size, seed)}
+
+
 def train_val_split(num_images: int, val_size: int = 5000, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Indices ``(train, val)`` of a validation split carved from a training set: the first
     ``val_size`` of a permutation seeded with ``seed``. The trainer and ``python -m zoo`` both use it,
