@@ -228,6 +228,20 @@ def test_reproduce_smoke_row_and_from_zoo(tmp_path, tiny_zip, float_teacher, tra
     assert "| ResNet-20 W1A1 | resnet20_w1a1 | 86.5 |" in text and "published checkpoints" in text
 
 
+def test_reproduce_refuses_to_write_a_table_of_some_rows_without_the_others_results(tmp_path, capsys):
+    from trainers.reproduce import main as reproduce_main
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- dirnet-cifar10-zoo:start -->\nfour rows\n<!-- dirnet-cifar10-zoo:end -->\n")
+    args = ["dirnet-cifar10", "--from-zoo", "--rows", "resnet20_w1a32_dirnet", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_:
+        reproduce_main([*args, "--write", str(readme)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "dirnet-cifar10-zoo.json, which does not exist" in err and "without --rows" in err
+    assert "four rows" in readme.read_text()  # nothing ran, nothing was replaced
+
+
 def test_python_m_zoo_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "zoo", "list", "*w1a1*"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)  # fmt: skip

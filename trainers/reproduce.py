@@ -326,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / args.table
     budget = ("zoo" if args.from_zoo else args.budget) + (f"-{args.tag}" if args.tag else "")
     results_file = out / f"{args.table}-{budget}.json"
+    if args.rows and args.write and not args.from_results and not results_file.is_file():
+        parser.error(  # before any row runs: the table written would hold only these rows
+            f"--rows with --write would replace the table in {', '.join(args.write)} by only the rows "
+            f"{', '.join(args.rows)}: the other rows' results are kept in {results_file}, which does not exist "
+            "here (new machine or another --out); run the whole table once without --rows, or leave out --write"
+        )
     if args.from_results:
         if not results_file.is_file():
             parser.error(f"no results file {results_file}: run the table first (same --out, --budget, --tag)")
