@@ -85,6 +85,8 @@ def test_zoo_eval_updates_a_card_and_reports_bad_names(tmp_path, tiny_zip, capsy
     card = json.loads(path.with_suffix(".json").read_text())
     assert card["test_images"] == 40 and 0 <= card["top1"] <= 100
     assert card["test_data"] == f"JPEG files of cifar10 from {tiny_zip.name} (zip)"  # which copy measured it
+    vector_unit = torch.backends.cpu.get_cpu_capability()
+    assert f"{os.cpu_count()} cores, CPU ({vector_unit})" in card["test_hardware"]  # and which CPU measured it
     assert zoo_main(["eval", str(path), "--data", str(tiny_zip)]) == 0  # card rewritten, sha256 still matches
     capsys.readouterr()
     assert zoo_main(["info", "resnt20_w1a1"]) == 2

@@ -11,9 +11,9 @@ from torch.nn import functional as F
 
 import zoo
 from tests.test_trainer import _data_args
-from trainers.callbacks import cpu_model_name
 from trainers.lowbit import JointDistillation, ProgressiveQuantization, StochasticPrecision
 from trainers.module import ZooClassifier
+from zoo.hardware import cpu_model_name
 from zoo.packing import load_packed
 
 LADDER = [

@@ -825,7 +825,7 @@ def test_bn_reestimation_listed_before_weight_averaging_is_an_error():
 
 
 def test_cards_name_the_cpu_model_where_linux_reports_it():
-    from trainers.callbacks import cpu_model_name
+    from zoo.hardware import cpu_model_name
 
     x86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2\n"
     assert cpu_model_name(x86) == "AMD EPYC 7B13"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 import zoo
 from zoo.bn import reestimate_bn
 from zoo.data import describe_val_split, evaluate, file_val_fields, find_dataset
+from zoo.hardware import hardware_description
 from zoo.layers import QUANTIZED_LAYERS
 from zoo.quant import LSQ, TanhEstimator, ede_schedule
 from zoo.quant.oscillation import dampening_grad, dampening_loss, dampening_weight, freeze_threshold
@@ -115,29 +115,6 @@ def describe_source(source: str) -> str:
 def describe_sources(sources: str | list[str]) -> str | list[str]:
     """:func:`describe_source` of one source, or of each of a list (a teacher ensemble)."""
     return describe_source(str(sources)) if isinstance(sources, str) else [describe_source(str(s)) for s in sources]
-
-
-def cpu_model_name(cpuinfo: str | None = None) -> str | None:
-    """The CPU's ``model name`` from Linux's ``/proc/cpuinfo`` (or the given text); None where there is none."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and value.strip():
-            return value.strip()
-    return None
-
-
-def hardware_description() -> str:
-    """What a model card records as hardware, e.g. ``x86_64 (AMD EPYC), 2 cores, CPU (AVX2)``: the
-    architecture, the CPU model, the core count and the device (for a CPU, its best vector unit, which
-    decides whether bf16 autocast is native or emulated)."""
-    machine, model = platform.processor() or platform.machine(), cpu_model_name()
-    device = "GPU" if torch.cuda.is_available() else f"CPU ({torch.backends.cpu.get_cpu_capability()})"
-    return f"{machine}{f' ({model})' if model else ''}, {os.cpu_count()} cores, {device}"
 
 
 def _cut_short(trainer: pl.Trainer) -> str | None:

@@ -27,9 +27,8 @@ import yaml
 
 import zoo
 from zoo.data import DATASETS, evaluate, find_dataset, load_split, training_batches
+from zoo.hardware import hardware_description
 from zoo.markdown import write_block
-
-from .callbacks import hardware_description
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 

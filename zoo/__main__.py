@@ -19,6 +19,7 @@ from .data import (
     train_val_split,
     training_batches,
 )
+from .hardware import hardware_description
 from .markdown import write_block
 from .packing import _atomic_write, load_packed, write_card
 from .registry import _cards, default_checkpoints, parse_name
@@ -109,7 +110,7 @@ def _load_any(name: str):
 
 
 FILE_FIELDS = ("file", "sha256", "file_bytes", "library_version", "torch_version", "real_dtype")
-MEASURED_FIELDS = ("top1", "top5", "test_images", "test_data", "file_val_top1", "file_val_split")
+MEASURED_FIELDS = ("top1", "top5", "test_images", "test_data", "test_hardware", "file_val_top1", "file_val_split")
 
 
 def _carried_fields(card: dict, measured: bool) -> dict:
@@ -271,9 +272,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _measured_fields(args: argparse.Namespace, result: dict, dataset: str) -> dict:
-    """What ``eval --update-card`` writes: the test top-1 and top-5 (``top1``: the card's claim), or the
-    file's own validation top-1 (``file_val_top1``). The card's ``val_top1`` is the trainer's, measured
-    on the model before export; a file that rounds its real parameters to float16 can score otherwise."""
+    """What ``eval --update-card`` writes: the test top-1 and top-5 (``top1``: the card's claim) with the
+    data copy and the hardware that measured them, or the file's own validation top-1 (``file_val_top1``).
+    The card's ``val_top1`` is the trainer's, measured on the model before export; a file that rounds its
+    real parameters to float16 can score otherwise. The hardware matters for k-bit models: another CPU's
+    vector kernels round floats differently, which can move a value across an activation quantizer's
+    rounding boundary (the 4-bit ResNet-20 default: one test image between AVX2 and AVX-512)."""
     if args.split == "val":
         return file_val_fields(result["top1"], args.val_size, args.split_seed)
     return {
@@ -281,6 +285,7 @@ def _measured_fields(args: argparse.Namespace, result: dict, dataset: str) -> di
         "top5": round(result["top5"], 2),
         "test_images": result["images"],
         "test_data": find_dataset(args.data, dataset).describe(dataset),
+        "test_hardware": hardware_description(),
     }
 
 
